@@ -1,0 +1,3 @@
+from neox_progressive.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,245 @@
+"""Atomic, streaming writer of GPT-NeoX checkpoints that NeoX loads with `finetune: true`.
+
+What is written (NEOX_FACTS.md section 5):
+
+    <out>/latest                         "global_step0" (written last)
+    <out>/global_step0/
+        layer_XX-model_TT-model_states.pt     pipeline format: {NeoX key: tensor}
+        mp_rank_RR_model_states.pt            PP x TP files (pipeline) or TP files (sequential):
+            module: None (pipeline) | {"sequential.N.key": tensor} (sequential)
+            dp_world_size: 1, mp_world_size: <number of mp_rank files>,
+            iteration: 0, global_steps: 0, skipped_steps: 0
+        configs/<yaml>                        the configs the checkpoint was written for (optional)
+
+No `args` entry (NeoX would assert it equals the new run's config), no optimizer, no
+`inv_freq` unless the config saves it. Everything is written into a hidden temporary
+directory beside `<out>` and renamed into place at the end, so a crash leaves nothing that
+looks like a checkpoint; leftovers of crashed runs are removed the next time.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from neox_progressive import arch
+from neox_progressive.config import ModelShape
+from neox_progressive.errors import UserError
+from neox_progressive.io.safe import load_pt
+
+TMP_MARK = ".tmp-neox-progressive-"
+
+
+def check_destination(out: str | Path, force: bool) -> Path:
+    """Refuse an existing destination unless `force` (checked before any work starts)."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory")
+    return out
+
+
+def _remove_stale_temps(parent: Path, name: str) -> None:
+    for p in parent.glob(f".{name}{TMP_MARK}*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        try:
+            os.kill(int(pid), 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+class AtomicDir:
+    """A directory built under a temporary name and renamed to `out` on success."""
+
+    def __init__(self, out: str | Path, force: bool = False):
+        self.out = check_destination(out, force)
+        self.force = force
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        parent = self.out.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(parent, self.out.name)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}{TMP_MARK}", suffix=f"-{os.getpid()}", dir=parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        assert self.tmp is not None
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        old = None
+        if self.out.exists():
+            if not self.force:  # appeared while we worked
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise UserError(f"{self.out} appeared while writing; not replaced (use --force)")
+            old = self.out.with_name(f".{self.out.name}{TMP_MARK}old-{os.getpid()}")
+            os.replace(self.out, old)
+        os.replace(self.tmp, self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+class CheckpointWriter:
+    """Write a NeoX checkpoint for `shape` (its `tp` and `pp` choose the layout), part by part.
+
+    Use as a context manager; call `write_embed`, `write_layer` for every layer, `write_final_norm`
+    and `write_head` (any order), each with logical tensors. Memory: one layer at a time for the
+    pipeline format; the sequential format spools each part to disk and assembles the mp_rank
+    files from memory-mapped spools at the end.
+
+    Args:
+        out: destination directory (the NeoX `load` dir).
+        shape: target shape; `padded_vocab_size` must be known.
+        force: replace an existing `out`.
+        tag: checkpoint tag written to `latest`.
+        configs: YAML files copied into `<tag>/configs/` as NeoX does.
+        extra_files: {relative name: text} written into `out` (e.g. a manifest).
+    """
+
+    def __init__(self, out: str | Path, shape: ModelShape, *, force: bool = False, tag: str = "global_step0",
+                 configs: list[str | Path] | None = None, extra_files: dict[str, str] | None = None,
+                 dtype: torch.dtype | None = None):
+        if shape.padded_vocab_size is None:
+            raise UserError("the target vocab size is unknown; it must come from a tokenizer file or the source checkpoint")
+        self.shape = shape
+        self.tag = tag
+        self.dtype = dtype
+        self.configs = [Path(c) for c in configs or []]
+        self.extra_files = dict(extra_files or {})
+        self._atomic = AtomicDir(out, force)
+        self._written: set[int] = set()
+        self.root: Path | None = None
+        self.bytes_written = 0
+
+    # ---- context ---------------------------------------------------------------------------
+    def __enter__(self) -> CheckpointWriter:
+        self.root = self._atomic.__enter__()
+        self.tag_dir = self.root / self.tag
+        self.tag_dir.mkdir()
+        if self.shape.sequential:
+            self.spool = self.root / ".spool"
+            self.spool.mkdir()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            try:
+                self._finish()
+            except BaseException:
+                self._atomic.__exit__(*sys.exc_info())
+                raise
+        return self._atomic.__exit__(exc_type, exc, tb)
+
+    @property
+    def out(self) -> Path:
+        return self._atomic.out
+
+    # ---- parts -----------------------------------------------------------------------------
+    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.dtype is None else t.to(self.dtype)
+
+    def _put(self, index: int, ranks: list[dict[str, torch.Tensor]]) -> None:
+        if index in self._written:
+            raise RuntimeError(f"layer index {index} written twice")
+        want = arch.neox_file_shapes(self.shape)[index]
+        for sd in ranks:
+            assert {k: tuple(v.shape) for k, v in sd.items()} == want, (index, {k: v.shape for k, v in sd.items()}, want)
+        self._written.add(index)
+        for t, sd in enumerate(ranks):
+            sd = {k: self._cast(v) for k, v in sd.items()}
+            self.bytes_written += sum(v.numel() * v.element_size() for v in sd.values())
+            if self.shape.sequential:
+                torch.save(sd, self.spool / f"{index}-{t}.pt")
+            else:
+                torch.save(sd, self.tag_dir / arch.layer_file_name(index, t))
+
+    def write_embed(self, weight: torch.Tensor) -> None:
+        self._put(arch.embed_index(), arch.embed_to_neox(weight, self.shape))
+
+    def write_layer(self, i: int, layer: dict[str, torch.Tensor]) -> None:
+        want = arch.logical_layer_shapes(self.shape)
+        got = {k: tuple(v.shape) for k, v in layer.items()}
+        if got != want:
+            raise RuntimeError(f"layer {i}: logical shapes {got} do not match the target {want}")
+        self._put(arch.layer_index(i), arch.layer_to_neox(layer, self.shape))
+
+    def write_final_norm(self, weight: torch.Tensor) -> None:
+        self._put(arch.final_norm_index(self.shape.num_layers), arch.final_norm_to_neox(weight, self.shape))
+
+    def write_head(self, weight: torch.Tensor) -> None:
+        self._put(arch.head_index(self.shape.num_layers), arch.head_to_neox(weight, self.shape))
+
+    def write_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Write a whole logical model held in memory."""
+        self.write_embed(sd["embed.weight"])
+        for i in range(self.shape.num_layers):
+            prefix = f"layers.{i}."
+            self.write_layer(i, {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+        self.write_final_norm(sd["final_norm.weight"])
+        self.write_head(sd["head.weight"])
+
+    # ---- finish ----------------------------------------------------------------------------
+    def _mp_state(self, module, n_files: int) -> dict:
+        return {
+            "module": module,
+            "dp_world_size": 1,
+            "mp_world_size": n_files,
+            "iteration": 0,
+            "global_steps": 0,
+            "skipped_steps": 0,
+        }
+
+    def _finish(self) -> None:
+        expected = set(arch.neox_file_shapes(self.shape))
+        if self._written != expected:
+            raise RuntimeError(f"checkpoint incomplete: indices {sorted(expected - self._written)} not written")
+        shape = self.shape
+        if shape.sequential:
+            for t in range(shape.tp):
+                module = {}
+                for index in sorted(expected):
+                    part = load_pt(self.spool / f"{index}-{t}.pt")  # memory-mapped
+                    module.update({f"sequential.{index}.{k}": v for k, v in part.items()})
+                torch.save(self._mp_state(module, shape.tp), self.tag_dir / arch.mp_rank_file_name(t))
+                del module
+            shutil.rmtree(self.spool)
+        else:
+            n = max(shape.pp, 1) * shape.tp
+            for r in range(n):
+                torch.save(self._mp_state(None, n), self.tag_dir / arch.mp_rank_file_name(r))
+        if self.configs:
+            cdir = self.tag_dir / "configs"
+            cdir.mkdir()
+            for c in self.configs:
+                shutil.copyfile(c, cdir / c.name)
+        for name, text in self.extra_files.items():
+            (self.root / name).write_text(text)
+        _fsync_tree(self.root)
+        (self.root / "latest").write_text(self.tag)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def write_checkpoint(out: str | Path, shape: ModelShape, sd: dict[str, torch.Tensor], **kwargs) -> Path:
+    """Write a whole in-memory logical model as a NeoX checkpoint; returns `out`."""
+    with CheckpointWriter(out, shape, **kwargs) as w:
+        w.write_state_dict(sd)
+    return Path(out)
