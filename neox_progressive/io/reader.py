@@ -92,7 +92,7 @@ class CheckpointReader:
             self._seq: list[dict[str, torch.Tensor]] | None = None
             self.layer_indices = sorted({int(k.split(".")[1]) for k in self._sequential(0)})
         self._check_world_size()
-        self.shape = self._complete_shape(shape) if shape is not None else None
+        self.shape = self.match_shape(shape) if shape is not None else None
 
     # ---- metadata ------------------------------------------------------------------------------
     def _read_meta(self) -> dict[str, Any]:
@@ -131,23 +131,24 @@ class CheckpointReader:
         elif self._meta.get("has_module") is False:
             raise UserError(f"{self.dir}: no layer files and mp_rank_00 holds no module; unknown checkpoint format")
 
-    def _complete_shape(self, shape: ModelShape) -> ModelShape:
-        """Check the config against the checkpoint's layout; take the vocab rows from the files."""
+    def match_shape(self, shape: ModelShape) -> ModelShape:
+        """Check a config's shape against the checkpoint's layout; take the vocab rows from the files."""
         want = shape.num_layers
-        have = len([i for i in self.layer_indices if i not in (0,)]) - 2
-        expected = sorted([0, *range(2, want + 2), want + 3, want + 4])
+        expected = sorted([arch.embed_index(), *(arch.layer_index(i) for i in range(want)),
+                           arch.final_norm_index(want), arch.head_index(want)])
         if self.layer_indices != expected:
+            have = max(len(self.layer_indices) - 3, 0)
             raise UserError(
-                f"{self.dir} has layers {self._describe_layers()} but the config has num_layers={want} "
-                f"(expected file indices 0, 2..{want + 1}, {want + 3}, {want + 4}); the config does not "
-                f"describe this checkpoint (it looks like {max(have, 0)} layers)"
+                f"{self.dir} has layer indices {self._describe_layers()} ({have} transformer layers) but the "
+                f"config has num_layers={want} (indices 0, 2..{want + 1}, {want + 3}, {want + 4}); the config "
+                "does not describe this checkpoint"
             )
         if self.tp != shape.tp:
             raise UserError(
                 f"{self.dir} is sharded for TP={self.tp} but the config says model_parallel_size={shape.tp}; "
-                f"set model_parallel_size: {self.tp} in the config used to read it"
+                f"read it with model_parallel_size: {self.tp} (the expansion tool reshards to the target's TP)"
             )
-        rows = self._raw(0, arch.EMBED_KEY).shape[0] * self.tp
+        rows = self._raw(arch.embed_index(), arch.EMBED_KEY).shape[0] * self.tp
         return shape.with_vocab(rows)
 
     def _describe_layers(self) -> str:
