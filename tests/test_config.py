@@ -128,8 +128,9 @@ def test_missing_config_file():
 
 
 def test_param_count_matches_the_reference_model():
-    from neox_progressive.model import Transformer
     import torch
+
+    from neox_progressive.model import Transformer
 
     for kw in ({}, {"num_kv_heads": 4, "attn_bias": True, "mlp_bias": True}):
         shape = ModelShape(hidden_size=2048, num_layers=18, num_heads=16, ffn_size=7168, padded_vocab_size=50304,
