@@ -13,5 +13,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_ruff_is_clean():
     if importlib.util.find_spec("ruff") is None:
         pytest.skip("ruff is not installed (pip install -e '.[test]')")
-    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "--output-format", "concise", str(ROOT)], capture_output=True, text=True, cwd=ROOT)
+    cmd = [sys.executable, "-m", "ruff", "check", "--output-format", "concise", str(ROOT)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
