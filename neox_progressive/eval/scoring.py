@@ -1,0 +1,51 @@
+"""Forward passes for evaluation that never hold a whole batch of logits.
+
+`trunk` runs the reference model without its output head: hidden states [B, T, h] after the
+final norm. Callers apply the head to a few positions at a time (`head_logits`), so a 50k
+vocabulary and long sequences fit: [chunk, V] logits exist at once instead of [B, T, V].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from neox_progressive.model import Transformer
+
+DEFAULT_POSITION_CHUNK = 1024
+
+
+def trunk(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+    """Hidden states after the final norm, [B, T, h]: the model's forward pass without the head."""
+    positions = torch.arange(tokens.shape[1], device=tokens.device)
+    x = model.embed(tokens)                                          # (B, T, h)
+    for block in model.layers:
+        x = block(x, positions)
+    return model.final_norm(x)
+
+
+def head_logits(model: Transformer, hidden: torch.Tensor, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+    """Logits of vocabulary rows [lo, hi) for hidden rows [n, h] -> [n, hi - lo] (the model's dtype)."""
+    w = model.head.weight[lo:hi]                                     # (v, h)
+    return hidden @ w.T                                              # (n, v)
+
+
+@torch.no_grad()
+def target_logprobs(model: Transformer, tokens: torch.Tensor, targets: torch.Tensor,
+                    chunk: int = DEFAULT_POSITION_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(targets[b, t] | tokens[b, :t+1]) and whether it is the argmax, both [B, T].
+
+    The softmax runs over the whole (padded) vocabulary, as NeoX's training loss and its eval
+    adapter do.
+    """
+    B, T = tokens.shape
+    hidden = trunk(model, tokens).reshape(B * T, -1)
+    flat = targets.reshape(B * T)
+    logp = torch.empty(B * T, dtype=torch.float32, device=tokens.device)
+    greedy = torch.empty(B * T, dtype=torch.bool, device=tokens.device)
+    for s in range(0, B * T, chunk):
+        lp = F.log_softmax(head_logits(model, hidden[s:s + chunk]).float(), dim=-1)   # (n, V)
+        tgt = flat[s:s + chunk]
+        logp[s:s + chunk] = lp.gather(1, tgt[:, None])[:, 0]
+        greedy[s:s + chunk] = lp.argmax(-1) == tgt
+    return logp.view(B, T), greedy.view(B, T)
