@@ -60,3 +60,45 @@ def hf_model(path: Path):
     from transformers import LlamaForCausalLM
 
     return LlamaForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32).eval()
+
+
+def compare_with_hflm(root: Path, limit: int = 6) -> dict:
+    """Our lm-eval model and lm-eval's HFLM on the HF export of the same member: task metrics and raw requests.
+
+    Runs under any lm-eval 0.4.x (the test of 0.4.1 calls it in NeoX's virtualenv)."""
+    from neox_progressive.eval.harness import TaskSet, flat_metrics, import_lm_eval
+
+    import_lm_eval()  # first: it serves lm_eval 0.4.1's Hub-loaded exact_match metric offline
+    import lm_eval.models.huggingface as hf_models
+    from lm_eval.api.instance import Instance
+
+    from neox_progressive.eval.lm import NeoXProgressiveLM
+    from neox_progressive.eval.tasks import EXAMPLE_TASKS, write_example_tasks
+
+    root.mkdir(parents=True, exist_ok=True)
+    member = make_member(root, "m", bpe_tokenizer(root / "tokenizer.json"), num_kv_heads=2, std=0.08)
+    hf_dir = hf_export(member, root / "hf")
+    tasks = TaskSet([write_example_tasks(root / "tasks", n_docs=limit)])
+    ours = NeoXProgressiveLM(checkpoint=str(member.checkpoint), config=str(member.configs[0]), batch_size=3, device="cpu")
+    theirs = hf_models.HFLM(pretrained=str(hf_dir), batch_size=3, device="cpu", dtype="float32")
+    out = {"tasks": {}, "requests": {}}
+    for name, lm in (("ours", ours), ("hf", theirs)):
+        out["tasks"][name] = flat_metrics(tasks.evaluate(lm, list(EXAMPLE_TASKS), limit=limit, bootstrap_iters=0))
+
+    ctx = "Return a new object, replacing specified fields with new values. This is especially useful"
+    pairs = [(ctx, " for frozen classes."), ("", "An empty context is scored after the end-of-text token."),
+             ("Spaces at the end of a context   ", "move to the continuation."), (ctx * 3, " long contexts are cut")]
+    texts = ["Short text.", ctx * 4]
+
+    def req(kind, args):
+        return Instance(request_type=kind, doc={}, arguments=args, idx=0)
+
+    for name, lm in (("ours", NeoXProgressiveLM(model=ours.model, tokenizer=ours.tok, max_length=48, batch_size=2)),
+                     ("hf", hf_models.HFLM(pretrained=str(hf_dir), batch_size=2, device="cpu", dtype="float32",
+                                           max_length=48))):
+        out["requests"][name] = {
+            "loglikelihood": [list(x) for x in lm.loglikelihood([req("loglikelihood", p) for p in pairs])],
+            "rolling": [float(x[0] if isinstance(x, tuple) else x)
+                        for x in lm.loglikelihood_rolling([req("loglikelihood_rolling", (t,)) for t in texts])],
+        }
+    return out

@@ -116,7 +116,10 @@ def verify(draft_tokens: list[int], p: torch.Tensor, q: torch.Tensor | None, tem
         while n < k and draft_tokens[n] == best[n]:
             n += 1
         return n, best[n]
-    pp, qq = _probs(p, temperature), _probs(q, temperature)
+    pp = _probs(p, temperature)
+    if k == 0:
+        return 0, int(torch.multinomial(pp[0], 1, generator=generator))
+    qq = _probs(q, temperature)
     for i, d in enumerate(draft_tokens):
         r = float(torch.rand((), generator=generator, device=p.device))
         if r * float(qq[i, d]) < float(pp[i, d]):  # r < p/q without dividing by a zero q
