@@ -62,12 +62,14 @@ class NeoXProgressiveLM(LM):
         dtype: "fp32", "bf16" or "fp16" for the weights.
         max_length: context window in tokens (default: the config's max_position_embeddings).
         max_gen_toks: default generation budget of generate_until.
+        progress: show this model's progress bars.
     """
 
     def __init__(self, checkpoint: str | None = None, config: str | list[str] | None = None, *,
                  model: Transformer | None = None, tokenizer: Tokenizer | None = None,
                  batch_size: int | str | None = DEFAULT_BATCH_SIZE, device: str | None = "auto", dtype: str = "fp32",
-                 max_length: int | None = None, max_gen_toks: int = 256, seed: int = 1234, **_ignored):
+                 max_length: int | None = None, max_gen_toks: int = 256, seed: int = 1234, progress: bool = True,
+                 **_ignored):
         super().__init__()
         self._device = _device(device)
         if model is None:
@@ -88,6 +90,7 @@ class NeoXProgressiveLM(LM):
         self._max_length = int(max_length or model.shape.max_position_embeddings)
         self._max_gen_toks = int(max_gen_toks)
         self._generator = torch.Generator(device=self._device).manual_seed(int(seed))
+        self._progress = str(progress).lower() not in ("false", "0", "no")
 
     # ---- lm-eval plumbing --------------------------------------------------------------------------
     @property
@@ -159,7 +162,8 @@ class NeoXProgressiveLM(LM):
             inputs.append(inp)
         order = sorted(range(len(pairs)), key=lambda i: -len(inputs[i]))
         out: list[tuple[float, bool] | None] = [None] * len(pairs)
-        for s in tqdm(range(0, len(order), self.batch_size), disable=disable_tqdm, desc="loglikelihood", unit="batch"):
+        quiet = disable_tqdm or not self._progress
+        for s in tqdm(range(0, len(order), self.batch_size), disable=quiet, desc="loglikelihood", unit="batch"):
             idx = order[s:s + self.batch_size]
             width = len(inputs[idx[0]]) - 1
             x = torch.zeros(len(idx), width, dtype=torch.long)
@@ -189,7 +193,7 @@ class NeoXProgressiveLM(LM):
             prepared.append((ids, until, max_new))
             groups[(len(ids), max_new, temperature, tuple(until))].append(i)
         results: list[str] = [""] * len(prepared)
-        bar = tqdm(total=len(prepared), disable=disable_tqdm, desc="generate_until", unit="request")
+        bar = tqdm(total=len(prepared), disable=disable_tqdm or not self._progress, desc="generate_until", unit="request")
         for (_, max_new, temperature, until), members in sorted(groups.items(), key=lambda kv: -kv[0][0]):
             for s in range(0, len(members), self.batch_size):
                 idx = members[s:s + self.batch_size]

@@ -1,0 +1,165 @@
+"""Evaluate a model family as the paper does (Yano et al. 2025, Sections 4-5).
+
+Per member: validation perplexity on held-out NeoX data (NeoX's lm_loss_ppl: next-token cross
+entropy over windows of seq_length + 1 tokens) and any lm-eval tasks (offline: local YAML tasks
+via --include-path, or standard tasks whose datasets are in the local HF cache).
+
+Per adjacent pair (smaller -> larger): the KL divergence of App. F, KL(p_small || p_large) per
+position over the vocabulary, averaged over positions then examples; and speculative decoding
+with the smaller member drafting 8 tokens per round for the larger one, greedy and sampled
+(Leviathan et al. 2023): acceptance rate and wall time against the target alone.
+
+With two families (e.g. progressive/ and independent/ members) the tables put them side by side
+(paper Tables 1, 4, 5), and member i of the second family also drafts for member i + 1 of the first.
+
+Members: --member [FAMILY/]NAME=CHECKPOINT_DIR:CONFIG.yml[,CONFIG2.yml], small to large.
+Writes report.md, report.json, PNG plots and lm_eval/*.json into --out (atomically).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+from neox_progressive.errors import UserError
+from neox_progressive.eval.evaluation import STEPS, EvalSettings, evaluate_family, group_families, pairs_of
+from neox_progressive.eval.member import Member
+
+HELP = "evaluate a family: perplexity, lm-eval tasks, adjacent-pair KL and speculative decoding, report"
+EXAMPLES = """
+  neox-progressive eval --out eval/ --data data/valid_text_document \\
+      --member progressive/1B=runs/fam/progressive/1B/checkpoints:configs/1B.yml \\
+      --member progressive/2B=runs/fam/progressive/2B/checkpoints:configs/2B.yml \\
+      --member independent/1B=runs/fam/independent/1B/checkpoints:configs/1B.yml \\
+      --member independent/2B=runs/fam/independent/2B/checkpoints:configs/2B.yml
+  neox-progressive eval --out eval/ --text valid.jsonl --example-tasks --limit 100 --member 1B=ck1:1B.yml --member 2B=ck2:2B.yml
+  neox-progressive eval --out eval/ --data valid --tasks lambada_openai,piqa --member ...   # datasets in the HF cache
+  neox-progressive eval --write-example-tasks my_tasks/      # the offline example tasks, for lm_eval --include_path
+"""
+
+
+def add_arguments(p) -> None:
+    p.add_argument("family", nargs="?", help="a family file (not yet supported: use --member)")
+    p.add_argument("--member", action="append", default=[], metavar="[FAMILY/]NAME=CKPT:CFG[,CFG]",
+                   help="a member, repeatable, small to large within a family")
+    p.add_argument("--out", help="output directory for report.md / report.json / plots")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--dry-run", action="store_true", help="print what would be evaluated; load no weights")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    d = p.add_argument_group("held-out data")
+    d.add_argument("--data", help="NeoX mmap prefix of held-out data (without .bin/.idx)")
+    d.add_argument("--text", help="or a .jsonl ('text' key) / text file, tokenized with the members' tokenizer")
+    d.add_argument("--seq-length", type=int, help="tokens per window (default: the smallest member seq_length)")
+    d.add_argument("--ppl-windows", type=int, default=64, help="windows for perplexity (default 64)")
+    d.add_argument("--kl-windows", type=int, default=64, help="examples for KL (paper: 10000; default 64)")
+    d.add_argument("--batch-size", type=int, default=4)
+    s = p.add_argument_group("speculative decoding")
+    s.add_argument("--draft-len", type=int, default=8, help="draft tokens per round (paper: 8)")
+    s.add_argument("--prompts", type=int, default=16, help="prompts (paper: 1000; default 16)")
+    s.add_argument("--prompt-tokens", type=int, default=32)
+    s.add_argument("--new-tokens", type=int, default=64)
+    s.add_argument("--modes", default="greedy,sampled", help="greedy, sampled or both (default)")
+    s.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the sampled mode")
+    t = p.add_argument_group("lm-eval tasks")
+    t.add_argument("--tasks", default="", help="comma-separated lm-eval task names")
+    t.add_argument("--include-path", action="append", default=[], help="directory of local task YAMLs, repeatable")
+    t.add_argument("--example-tasks", action="store_true", help="also run the offline stdlib example tasks")
+    t.add_argument("--write-example-tasks", metavar="DIR", help="only write the example tasks into DIR and exit")
+    t.add_argument("--limit", type=int, help="documents per task (default: all)")
+    t.add_argument("--num-fewshot", type=int)
+    p.add_argument("--skip", default="", help=f"steps to skip, comma-separated: {', '.join(STEPS)}")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _csv(value: str) -> list[str]:
+    return [x.strip() for x in value.split(",") if x.strip()]
+
+
+def settings_from(args) -> EvalSettings:
+    skip = tuple(_csv(args.skip))
+    bad = [x for x in skip if x not in STEPS]
+    modes = tuple(_csv(args.modes))
+    if bad:
+        raise UserError(f"--skip {','.join(bad)}: unknown step; the steps are {', '.join(STEPS)}")
+    if not modes or any(m not in ("greedy", "sampled") for m in modes):
+        raise UserError(f"--modes {args.modes!r}: expected greedy, sampled or greedy,sampled")
+    for name in ("ppl_windows", "kl_windows", "batch_size", "draft_len", "prompts", "prompt_tokens", "new_tokens"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    tasks = _csv(args.tasks)
+    if args.example_tasks:
+        from neox_progressive.eval.tasks import EXAMPLE_TASKS
+
+        tasks += [t for t in EXAMPLE_TASKS if t not in tasks]
+    return EvalSettings(
+        data=args.data, text=args.text, seq_length=args.seq_length, ppl_windows=args.ppl_windows,
+        kl_windows=args.kl_windows, batch_size=args.batch_size, prompts=args.prompts, prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens, draft_len=args.draft_len, modes=modes, temperature=args.temperature, seed=args.seed,
+        tasks=tasks, include_paths=list(args.include_path), limit=args.limit, num_fewshot=args.num_fewshot,
+        device=args.device, dtype=args.dtype, skip=skip, quiet=args.quiet)
+
+
+def members_from(args) -> list[Member]:
+    if args.family:
+        # TODO(family): read the family file with neox_progressive.family.load_family once it is on main.
+        raise UserError(f"{args.family}: family files are not supported by this build yet; list the members with "
+                        "--member [FAMILY/]NAME=CHECKPOINT_DIR:CONFIG.yml (small to large)")
+    if not args.member:
+        raise UserError("no members: pass --member [FAMILY/]NAME=CHECKPOINT_DIR:CONFIG.yml for each, small to large")
+    return [Member.parse(spec) for spec in args.member]
+
+
+def dry_run(members: list[Member], s: EvalSettings) -> None:
+    fams = group_families(members)
+    for fam, ms in fams.items():
+        print(f"family {fam}:")
+        for m in ms:
+            sh = m.shape
+            print(f"  {m.name}: {m.checkpoint} ({m.reader.format}, TP {m.reader.tp}, iteration {m.reader.iteration}), "
+                  f"{sh.num_layers} layers x {sh.hidden_size}, {sh.param_count() / 1e6:.1f}M params")
+    steps = [x for x in STEPS if s.wants(x)]
+    print(f"steps: {', '.join(steps) or 'none'}; tasks: {', '.join(s.tasks) or 'none'}")
+    for a, b, cross in pairs_of(fams):
+        print(f"pair {a.label} -> {b.label}" + (" (cross-family)" if cross else ""))
+
+
+def run(args) -> int:
+    from neox_progressive.eval.report import write_report
+    from neox_progressive.io.writer import AtomicDir, check_destination
+
+    if args.write_example_tasks:
+        from neox_progressive.eval.tasks import write_example_tasks
+
+        out = write_example_tasks(args.write_example_tasks)
+        print(f"wrote the example tasks into {out}: lm_eval --include_path {out} --tasks stdlib_lastword,stdlib_choice,...")
+        return 0
+    if not args.out and not args.dry_run:
+        raise UserError("--out is required: the directory for report.md, report.json and the plots")
+    s = settings_from(args)
+    members = members_from(args)
+    if args.dry_run:
+        dry_run(members, s)
+        return 0
+    check_destination(args.out, args.force)
+    with tempfile.TemporaryDirectory(prefix="neox-progressive-tasks-") as tasks_dir:
+        if args.example_tasks:
+            from neox_progressive.eval.tasks import write_example_tasks
+
+            s.include_paths.append(str(write_example_tasks(tasks_dir)))
+        raw: dict = {}
+        results = evaluate_family(members, s, log=lambda msg: print(msg, file=sys.stderr), raw=raw)
+    results["command"] = "neox-progressive " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    with AtomicDir(args.out, args.force) as tmp:
+        written = write_report(results, tmp)
+        if raw:
+            import json
+
+            (tmp / "lm_eval").mkdir()
+            for label, res in raw.items():
+                (tmp / "lm_eval" / f"{label.replace('/', '_')}.json").write_text(json.dumps(res, indent=2, default=str))
+    print(f"wrote {Path(args.out) / 'report.md'} ({', '.join(p.name for p in written)})")
+    return 0

@@ -1,0 +1,107 @@
+"""`neox-progressive eval` end to end on two tiny families: report files, the paper's tables, numbers that
+agree with independent recomputations, dry run, and refusal to overwrite."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from eval_util import bpe_tokenizer, make_member
+
+from neox_progressive.cli import main
+from neox_progressive.eval.tasks import stdlib_paragraphs
+from neox_progressive.model import Transformer
+
+LARGE = dict(hidden_size=48, num_layers=3, num_heads=6, num_kv_heads=6, ffn_size=64)
+SEQ = 32
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("family")
+    tok = bpe_tokenizer(root / "tok.json")
+    members, specs = {}, []
+    for fam, (s1, s2) in (("progressive", (1, 2)), ("independent", (3, 4))):
+        small = make_member(root / fam, "S", tok, seed=s1, std=0.08)
+        large = make_member(root / fam, "L", tok, seed=s2, std=0.08, **LARGE)
+        members[fam] = (small, large)
+        specs += [f"{fam}/S={small.checkpoint}:{small.configs[0]}", f"{fam}/L={large.checkpoint}:{large.configs[0]}"]
+    text = root / "valid.jsonl"
+    text.write_text("".join(json.dumps({"text": p}) + "\n" for p in stdlib_paragraphs()[300:360]))
+    return root, members, specs, text
+
+
+def eval_args(root, specs, text, *extra):
+    args = ["eval", "--out", str(root / "out"), "--text", str(text), "--ppl-windows", "4", "--kl-windows", "3",
+            "--prompts", "2", "--prompt-tokens", "8", "--new-tokens", "10", "--seq-length", str(SEQ), "--quiet"]
+    for s in specs:
+        args += ["--member", s]
+    return args + list(extra)
+
+
+def windows_by_hand(tok_path, text, n):
+    """Independent windowing: encode each document + end-of-text, concatenate, NeoX samples of SEQ + 1 tokens."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tok_path))
+    stream = []
+    for line in text.read_text().splitlines():
+        stream += tok.encode(json.loads(line)["text"]).ids + [tok.token_to_id("<|endoftext|>")]
+    return torch.tensor([stream[i * SEQ: i * SEQ + SEQ + 1] for i in range(n)])
+
+
+@pytest.fixture(scope="module")
+def report(family):
+    root, _, specs, text = family
+    assert main(eval_args(root, specs, text, "--example-tasks", "--limit", "3")) == 0
+    return json.loads((root / "out" / "report.json").read_text())
+
+
+def test_report_files_and_tables(family, report):
+    root = family[0]
+    out = root / "out"
+    for name in ("report.md", "report.json", "perplexity.png", "kl.png", "acceptance.png"):
+        assert (out / name).is_file(), name
+    assert sorted(p.name for p in (out / "lm_eval").iterdir()) == [
+        "independent_L.json", "independent_S.json", "progressive_L.json", "progressive_S.json"]
+    md = (out / "report.md").read_text()
+    for heading in ("Tables 1-3", "Table 4", "Table 5"):
+        assert heading in md
+    assert "| S → L |" in md and "independent/S | progressive/L | greedy" in md
+    assert set(report["families"]) == {"progressive", "independent"}
+    assert [c["draft"] + ">" + c["target"] for c in report["cross_pairs"]] == ["independent/S>progressive/L"]
+    for fam in report["families"].values():
+        assert [m["name"] for m in fam["members"]] == ["S", "L"]
+        assert set(fam["members"][0]["tasks"]) == {"stdlib_lastword", "stdlib_choice", "stdlib_rolling"}
+        (pair,) = fam["pairs"]
+        assert pair["kl"]["kl"] > 0 and pair["kl"]["examples"] == 3
+        assert pair["specdec"]["greedy"]["same_as_target"] is True
+        assert set(pair["specdec"]) == {"greedy", "sampled"}
+
+
+def test_perplexity_and_kl_match_a_recomputation(family, report):
+    root, members, _, text = family
+    small, large = members["progressive"]
+    x = windows_by_hand(root / "tok.json", text, 4)
+    with torch.no_grad():
+        ms = Transformer.from_state_dict(small.shape, small.reader.state_dict())
+        ml = Transformer.from_state_dict(large.shape, large.reader.state_dict())
+        logits = ms(x[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).item()
+        vocab = small.tokenizer.vocab_size
+        lp = torch.log_softmax(logits[:3, :, :vocab].double(), -1)
+        lq = torch.log_softmax(ml(x[:3, :-1])[..., :vocab].double(), -1)
+        kl = (lp.exp() * (lp - lq)).sum(-1).mean(-1).mean().item()
+    got = report["families"]["progressive"]
+    assert got["members"][0]["perplexity"]["loss"] == pytest.approx(loss, rel=1e-5)
+    assert got["members"][0]["perplexity"]["tokens"] == 4 * SEQ
+    assert got["pairs"][0]["kl"]["kl"] == pytest.approx(kl, rel=1e-5)
+
+
+def test_dry_run_and_refusing_to_overwrite(family, report, capsys):
+    root, _, specs, text = family
+    assert main(eval_args(root, specs, text, "--dry-run", "--skip", "specdec")) == 0
+    out = capsys.readouterr().out
+    assert "pair independent/S -> progressive/L (cross-family)" in out and "steps: ppl, kl;" in out
+    assert main(eval_args(root, specs, text, "--skip", "kl,specdec")) == 2
+    assert "already exists" in capsys.readouterr().err
