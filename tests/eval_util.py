@@ -102,3 +102,52 @@ def compare_with_hflm(root: Path, limit: int = 6) -> dict:
                         for x in lm.loglikelihood_rolling([req("loglikelihood_rolling", (t,)) for t in texts])],
         }
     return out
+
+
+def run_neox_with_plugin(neox_root: Path, script: str, config: Path, timeout: int = 900) -> str:
+    """`deepy.py <script> <config>` in a NeoX tree on CPU, with this repository importable (for eval_hook)."""
+    import os
+    import subprocess
+
+    from neox_run import neox_python, shim_dir
+
+    py = neox_python()
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, NEOX_CPU_SHIM="1", DS_ACCELERATOR="cpu", WANDB_MODE="offline",
+               PYTHONPATH=os.pathsep.join([str(shim_dir()), str(repo)]),
+               TORCH_EXTENSIONS_DIR=str(Path(py).parent.parent / "ext"),
+               PATH=f"{Path(py).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run([py, "deepy.py", script, str(config)], cwd=neox_root, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    out = "\n".join(x for x in (proc.stdout + proc.stderr).splitlines() if "--megatron_config" not in x)
+    if proc.returncode != 0:
+        raise RuntimeError(f"NeoX {script} failed ({proc.returncode}):\n" + "\n".join(out.splitlines()[-60:]))
+    return out
+
+
+def neox_preprocess(neox_root: Path, jsonl: Path, tokenizer: Path, prefix: Path) -> Path:
+    """NeoX's own tools/datasets/preprocess_data.py (HFTokenizer, --append-eod) -> <prefix>_text_document."""
+    import subprocess
+
+    from neox_run import neox_python
+
+    proc = subprocess.run([neox_python(), "tools/datasets/preprocess_data.py", "--input", str(jsonl), "--output-prefix",
+                           str(prefix), "--tokenizer-type", "HFTokenizer", "--vocab-file", str(tokenizer), "--append-eod",
+                           "--workers", "1"], cwd=neox_root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return Path(f"{prefix}_text_document")
+
+
+def bpe_tokenizer_for_neox(path: Path, vocab_size: int = 300) -> Path:
+    """`bpe_tokenizer`, written by NeoX's python: newer `tokenizers` write JSON that NeoX's pinned one cannot read."""
+    import os
+    import subprocess
+
+    from neox_run import neox_python
+
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests)]))
+    code = f"import pathlib, eval_util; eval_util.bpe_tokenizer(pathlib.Path({str(path)!r}), {vocab_size})"
+    proc = subprocess.run([neox_python(), "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return path
