@@ -17,7 +17,7 @@ EXTRAS = {
     "deepspeed": ["deepspeed>=0.12"],
     "wandb": ["wandb>=0.15"],
     "plot": ["matplotlib>=3.5"],
-    "test": ["pytest>=7", "ruff>=0.4"],
+    "test": ["pytest>=7", "ruff>=0.4", "accelerate>=0.26"],  # accelerate: lm-eval's HFLM, the cross-check of the eval tests
 }
 EXTRAS["all"] = sorted({req for name in ("eval", "deepspeed", "wandb", "plot") for req in EXTRAS[name]})
 

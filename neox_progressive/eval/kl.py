@@ -12,7 +12,7 @@ reference distribution is the larger one. KL is not symmetric, so the order matt
 Memory: neither model's logits are ever held for a whole batch. Each model runs its trunk
 (embedding, layers, final norm) once, giving hidden states [B, T, h]; the output head is then
 applied `position_chunk` positions at a time, so at most [position_chunk, V] logits per model
-exist at once (50k vocab x 1024 positions x fp32 = 200 MB per model). With `vocab_chunk` the
+exist at once (default: a 64 MB float32 block on CPU, 256 MB on GPU; `scoring.chunk_rows`). With `vocab_chunk` the
 vocabulary is also split: a first pass accumulates each model's log-normaliser chunk by chunk
 (log-sum-exp), a second pass sums the KL terms, so only [position_chunk, vocab_chunk] blocks exist.
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from neox_progressive.eval.scoring import DEFAULT_POSITION_CHUNK, head_logits, trunk
+from neox_progressive.eval.scoring import chunk_rows, head_logits, trunk
 from neox_progressive.model import Transformer
 
 
@@ -85,7 +85,11 @@ def _kl_rows(small: Transformer, large: Transformer, hs: torch.Tensor, hl: torch
              vocab_chunk: int | None) -> torch.Tensor:
     """Per-row KL(p_small || p_large) for hidden rows hs [n, h_small], hl [n, h_large]."""
     if vocab_chunk is None or vocab_chunk >= vocab:
-        return kl_from_logits(head_logits(small, hs, 0, vocab), head_logits(large, hl, 0, vocab))
+        # three [n, V] blocks at most: log p, then log q, then in place (log p - log q) and p
+        lp = F.log_softmax(head_logits(small, hs, 0, vocab).float(), dim=-1)
+        lq = F.log_softmax(head_logits(large, hl, 0, vocab).float(), dim=-1)
+        lq.sub_(lp).neg_()                                           # log p - log q
+        return torch.einsum("nv,nv->n", lp.exp_(), lq)              # sum_v p (log p - log q)
     chunks = [(s, min(s + vocab_chunk, vocab)) for s in range(0, vocab, vocab_chunk)]
     lse_s = torch.logsumexp(torch.stack([torch.logsumexp(head_logits(small, hs, a, b).float(), -1) for a, b in chunks], -1), -1)
     lse_l = torch.logsumexp(torch.stack([torch.logsumexp(head_logits(large, hl, a, b).float(), -1) for a, b in chunks], -1), -1)
@@ -99,7 +103,7 @@ def _kl_rows(small: Transformer, large: Transformer, hs: torch.Tensor, hl: torch
 
 @torch.no_grad()
 def batch_kl(small: Transformer, large: Transformer, tokens: torch.Tensor, *, vocab_size: int | None = None,
-             lengths: list[int] | None = None, position_chunk: int = DEFAULT_POSITION_CHUNK,
+             lengths: list[int] | None = None, position_chunk: int | None = None,
              vocab_chunk: int | None = None) -> tuple[list[float], int]:
     """Per-example mean over positions of KL(p_small || p_large) for one batch of token ids [B, T].
 
@@ -107,7 +111,7 @@ def batch_kl(small: Transformer, large: Transformer, tokens: torch.Tensor, *, vo
         small, large: the two members (reference models; any widths, the same vocabulary).
         tokens: [B, T] token ids; row b is compared on its first `lengths[b]` positions (all if None).
         vocab_size: compare the first `vocab_size` logits only (the tokenizer's real vocabulary).
-        position_chunk: positions whose logits exist at once, per model.
+        position_chunk: positions whose logits exist at once, per model (default: `scoring.chunk_rows`).
         vocab_chunk: vocabulary slice size (None: the whole vocabulary at once).
 
     Returns:
@@ -115,19 +119,19 @@ def batch_kl(small: Transformer, large: Transformer, tokens: torch.Tensor, *, vo
     """
     B, T = tokens.shape
     vocab = vocab_size or min(small.head.weight.shape[0], large.head.weight.shape[0])
+    chunk = chunk_rows(vocab, position_chunk, tokens.device)
     hs = trunk(small, tokens).reshape(B * T, -1)                    # (B*T, h_small)
     hl = trunk(large, tokens).reshape(B * T, -1)                    # (B*T, h_large)
     rows = torch.empty(B * T, dtype=torch.float32, device=tokens.device)
-    for s in range(0, B * T, position_chunk):
-        rows[s:s + position_chunk] = _kl_rows(small, large, hs[s:s + position_chunk], hl[s:s + position_chunk],
-                                              vocab, vocab_chunk)
+    for s in range(0, B * T, chunk):
+        rows[s:s + chunk] = _kl_rows(small, large, hs[s:s + chunk], hl[s:s + chunk], vocab, vocab_chunk)
     rows = rows.view(B, T)
     lens = lengths or [T] * B
     return [float(rows[b, :n].double().mean()) for b, n in enumerate(lens)], sum(lens)
 
 
 def pair_kl(small: Transformer, large: Transformer, batches: Iterable[torch.Tensor], *, vocab_size: int | None = None,
-            position_chunk: int = DEFAULT_POSITION_CHUNK, vocab_chunk: int | None = None, progress=None) -> KLResult:
+            position_chunk: int | None = None, vocab_chunk: int | None = None, progress=None) -> KLResult:
     """App. F KL(p_small || p_large) over examples: each batch is [B, T] token ids (one example per row).
 
     The result is the mean over all examples of each example's mean over its positions.

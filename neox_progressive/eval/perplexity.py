@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from neox_progressive.errors import UserError
-from neox_progressive.eval.scoring import DEFAULT_POSITION_CHUNK, target_logprobs
+from neox_progressive.eval.scoring import target_logprobs
 from neox_progressive.model import Transformer
 
 
@@ -98,7 +98,7 @@ class PerplexityResult:
 
 @torch.no_grad()
 def perplexity(model: Transformer, windows: Iterable[np.ndarray], *, batch_size: int = 4,
-               position_chunk: int = DEFAULT_POSITION_CHUNK, progress=None) -> PerplexityResult:
+               position_chunk: int | None = None, progress=None) -> PerplexityResult:
     """Cross entropy of `model` on windows of seq_length + 1 tokens (inputs = all but the last)."""
     device = model.head.weight.device
     total, tokens, count = 0.0, 0, 0

@@ -12,7 +12,15 @@ import torch.nn.functional as F
 
 from neox_progressive.model import Transformer
 
-DEFAULT_POSITION_CHUNK = 1024
+CHUNK_BYTES = {"cpu": 64 << 20}
+"""Default size of one [positions, vocab] float32 logits block: 64 MB on CPU (333 positions
+of a 50k vocabulary), 256 MB on accelerators (large matmuls; 1333 positions of a 50k vocabulary)."""
+
+
+def chunk_rows(vocab: int, chunk: int | None = None, device: torch.device | str = "cpu") -> int:
+    """Positions per head application: `chunk` if given, else what fits in CHUNK_BYTES (at least 16)."""
+    budget = CHUNK_BYTES.get(torch.device(device).type, 256 << 20)
+    return chunk if chunk else max(16, budget // (4 * vocab))
 
 
 def trunk(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
@@ -32,13 +40,14 @@ def head_logits(model: Transformer, hidden: torch.Tensor, lo: int = 0, hi: int |
 
 @torch.no_grad()
 def target_logprobs(model: Transformer, tokens: torch.Tensor, targets: torch.Tensor,
-                    chunk: int = DEFAULT_POSITION_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+                    chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(targets[b, t] | tokens[b, :t+1]) and whether it is the argmax, both [B, T].
 
     The softmax runs over the whole (padded) vocabulary, as NeoX's training loss and its eval
     adapter do.
     """
     B, T = tokens.shape
+    chunk = chunk_rows(model.head.weight.shape[0], chunk, tokens.device)
     hidden = trunk(model, tokens).reshape(B * T, -1)
     flat = targets.reshape(B * T)
     logp = torch.empty(B * T, dtype=torch.float32, device=tokens.device)
