@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from neox_progressive.data import cut_windows, write_dataset
+from neox_progressive.data import cut_member_windows, cut_windows, neox_window_tokens, write_dataset
 from neox_progressive.errors import UserError
 
 
@@ -69,3 +69,42 @@ def test_idempotent_and_force(src, tmp_path):
 def test_bad_windows(src, tmp_path, windows, match):
     with pytest.raises(UserError, match=match):
         cut_windows(src[0], windows, tmp_path / "w")
+
+
+def test_cut_member_windows_from_plan(src, tmp_path):
+    prefix, docs = src
+    stream = np.concatenate([np.asarray(d) for d in docs])
+    members = [{"name": "m1", "data_windows": [[0, 40]], "train_data_path": str(tmp_path / "train.m1")},
+               {"name": "m2", "data_windows": [[40, 98], [0, 10]], "train_data_path": str(tmp_path / "train.m2")}]
+    out = cut_member_windows(prefix, members)
+    assert out["m1"].tokens().tolist() == stream[:40].tolist()
+    assert out["m2"].tokens().tolist() == stream[40:].tolist() + stream[:10].tolist()
+    with pytest.raises(UserError, match="regenerate the plan"):
+        cut_member_windows(prefix, [{"name": "m3"}])
+
+
+def test_neox_window_tokens_by_hand():
+    # 100 iterations x 8 samples: NeoX asks for ceil(800 * 1.005) = 804 samples of 64 tokens (+1 to close the last)
+    assert neox_window_tokens(100, 8, 64) == 804 * 64 + 1
+    assert neox_window_tokens(100, 8, 64, weighted=False) == 800 * 64 + 1
+
+
+@pytest.mark.neox
+def test_neox_window_tokens_is_one_neox_epoch():
+    import json
+    import math
+    import subprocess
+
+    from neox_run import neox_dir, neox_python
+
+    cases = [(100, 8, 64), (37, 3, 128), (1, 1, 2048), (5000, 512, 2048)]
+    rows = [[neox_window_tokens(*c), c[2], math.ceil(c[0] * c[1] * 1.005)] for c in cases]
+    rows += [[t - 1, s, n] for t, s, n in rows]
+    script = ("import sys, json; sys.path.insert(0, '.')\n"
+              "from megatron.data.gpt2_dataset import _num_epochs\n"
+              "print('JSON' + json.dumps([_num_epochs(t, s, n) for t, s, n in json.loads(sys.argv[1])]))\n")
+    proc = subprocess.run([neox_python(), "-c", script, json.dumps(rows)], cwd=neox_dir(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    epochs = json.loads(proc.stdout.split("JSON", 1)[1])
+    assert epochs == [1] * len(cases) + [2] * len(cases)     # one token less and NeoX needs a second epoch

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,25 @@ from neox_progressive.data.mmap_dataset import DatasetBuilder, MMapDataset, data
 from neox_progressive.errors import UserError
 
 WINDOW_SUFFIX = ".window.json"
+# NeoX asks each dataset of `train_data_paths` for 0.5% more samples than it will use
+# (data_utils.get_normalized_weights_and_num_samples).
+NEOX_BLEND_MARGIN = 1.005
+
+
+def neox_window_tokens(train_iters: int, global_batch: int, seq_length: int, *, weighted: bool = True) -> int:
+    """Tokens a member's dataset needs so that NeoX builds its samples from one epoch.
+
+    NeoX's GPT2Dataset needs (tokens - 1) // seq_length >= the samples it is asked for; for a dataset
+    named in `train_data_paths` that is ceil(train_iters x global_batch x 1.005) (`weighted`), for
+    `data_path` train_iters x global_batch. With fewer tokens NeoX builds two epochs, shuffles the
+    documents and samples of both together and trains on a random subset of them: about a quarter of
+    the window is then never seen and as much is seen twice (gpt2_dataset._num_epochs,
+    _build_doc_idx, _build_shuffle_idx).
+    """
+    samples = train_iters * global_batch
+    if weighted:
+        samples = math.ceil(samples * NEOX_BLEND_MARGIN)
+    return samples * seq_length + 1
 
 
 def _check_windows(windows: Sequence[Sequence[int]], n_tokens: int, src: str) -> list[tuple[int, int]]:
@@ -107,3 +127,25 @@ def cut_windows(src_prefix: str | Path, windows: Sequence[Sequence[int]], out_pr
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     tmp.replace(rec_path)
     return MMapDataset(out_prefix)
+
+
+def cut_member_windows(src_prefix: str | Path, members: Iterable[Mapping], *, force: bool = False) -> dict[str, MMapDataset]:
+    """Cut every member's window dataset as `family_plan.json` describes it.
+
+    Args:
+        src_prefix: the family's full training dataset.
+        members: dicts with `data_windows` ([[start, end], ...]) and `train_data_path` (the output
+            prefix, `<train prefix>.<member name>`), optionally `name`.
+        force: replace outputs cut differently before.
+
+    Returns:
+        {member name (or its train_data_path): the window dataset}.
+    """
+    out = {}
+    for m in members:
+        missing = [k for k in ("data_windows", "train_data_path") if k not in m]
+        if missing:
+            raise UserError(f"family plan member {m.get('name', '?')!r} has no {missing}; regenerate the plan")
+        out[str(m.get("name", m["train_data_path"]))] = cut_windows(src_prefix, m["data_windows"], m["train_data_path"],
+                                                                   force=force)
+    return out
