@@ -232,3 +232,13 @@ def test_result_is_json_and_module_entry_point(trained, tmp_path, capsys):
     assert main([str(cfg), "--quiet", "--device", "cpu"]) == 0             # finished run: resumes, nothing to do
     out = json.loads(capsys.readouterr().out)
     assert out["iterations"] == 40 and out["checkpoint"].endswith("global_step40")
+
+
+@pytest.mark.gpu
+def test_bf16_autocast_on_gpu(data, tmp_path):
+    cfg = write_stage(tmp_path / "s.yml", stage_config(data, tmp_path / "ck", train_iters=30, precision="bfloat16"))
+    res = train_stage(cfg, device="cuda", quiet=True)
+    assert res.final_valid_loss < res.start_valid_loss - 0.5
+    reader = CheckpointReader(res.save_dir, tiny_shape().replace(padded_vocab_size=512))
+    assert reader.embed().dtype == torch.bfloat16
+    assert expanded_loss(res.save_dir, cfg, n_batches=2, device="cuda") == pytest.approx(res.final_valid_loss, abs=0.05)

@@ -25,9 +25,9 @@ from train_util import make_data, stage_config, tiny_shape, write_stage
 from neox_progressive.data import MMapDataset
 from neox_progressive.io.reader import CheckpointReader
 from neox_progressive.model import Transformer
-from neox_progressive.train import expanded_loss, read_metrics, train_stage
+from neox_progressive.train import expanded_loss, parse_neox_losses, read_metrics, train_stage
 
-pytestmark = [pytest.mark.neox, pytest.mark.slow]
+pytestmark = pytest.mark.neox
 B = 2
 
 
@@ -104,6 +104,7 @@ def test_builtin_checkpoint_loads_in_neox(data, tmp_path):
     log = run_neox("train.py", tmp_path / "nx.yml", log=tmp_path / "neox.log")
     assert "Unable to load checkpoint" not in log
     neox_first = float(re.search(r"iteration\s+1/\s*1 \|.*?lm_loss: ([0-9.E+-]+)", log).group(1))
+    assert parse_neox_losses(log) == [(1, neox_first)]
     ours = reference_loss(res.save_dir, shape, neox_batch(data["train"], "train", 0, B))
     assert ours == pytest.approx(neox_first, abs=2e-5)
     assert neox_first < np.log(512) - 0.5                    # trained weights, not a random init

@@ -7,7 +7,14 @@ import pytest
 from train_util import make_data, stage_config, write_stage
 
 from neox_progressive.errors import CheckFailed
-from neox_progressive.train import check_stage_start, expanded_loss, read_metrics, require_expanded_start, train_stage
+from neox_progressive.train import (
+    check_stage_start,
+    expanded_loss,
+    parse_neox_losses,
+    read_metrics,
+    require_expanded_start,
+    train_stage,
+)
 
 V = 512
 
@@ -58,3 +65,15 @@ def test_the_master_weight_trap_is_caught(runs):
 def test_inconclusive_when_the_checkpoint_is_itself_random():
     check = check_stage_start(math.log(V) - 0.1, [math.log(V)] * 3, V)
     assert check.ok and check.verdict == "inconclusive"
+
+
+def test_parse_neox_losses():
+    # lines as megatron/logging.py training_log prints them
+    log = "\n".join([
+        " samples/sec: 22.599 | iteration        1/     200 | elapsed time per iteration (ms): 88.5 | learning rate: "
+        "1.000E-04 | approx flops per GPU: 177.7MFLOPS | lm_loss: 5.291257E+00 | number of skipped iterations:   0 |",
+        " validation results at iteration 2 | lm_loss value: 5.100000E+00 | lm_loss_ppl value: 1.6E+02 |",
+        " samples/sec: 23.000 | iteration        2/     200 | elapsed time per iteration (ms): 80.0 | learning rate: "
+        "2.000E-04 | lm_loss: 1.034000E+01 | number of skipped iterations:   0 |",
+    ])
+    assert parse_neox_losses(log) == [(1, 5.291257), (2, 10.34)]

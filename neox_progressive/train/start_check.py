@@ -19,6 +19,7 @@ NeoX, or the first records of the builtin engine's metrics, which are per iterat
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,16 @@ def expanded_loss(ckpt: str | Path, config: str | Path | Sequence[str | Path], d
             logits = model(batch[:, :-1])
         losses.append(float(F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())))
     return sum(losses) / len(losses)
+
+
+_NEOX_TRAIN_LINE = re.compile(r"iteration\s+(\d+)\s*/\s*\d+ \|.*?\blm_loss: ([0-9.Ee+-]+)")
+
+
+def parse_neox_losses(log_text: str) -> list[tuple[int, float]]:
+    """(iteration, lm_loss) of every training line in a NeoX log (megatron/logging.py training_log:
+    "iteration N/ M | ... | lm_loss: 5.123456E+00 | ..."); with log_interval > 1 each loss is the mean
+    over the interval, so run the first iterations of a stage with log_interval: 1 for the check."""
+    return [(int(m.group(1)), float(m.group(2))) for m in _NEOX_TRAIN_LINE.finditer(log_text)]
 
 
 @dataclass
