@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from train_util import checksums, make_data, stage_config, write_stage
 
 from neox_progressive.train import read_metrics, train_stage
@@ -22,7 +23,8 @@ def data(tmp_path_factory):
 
 
 def start(cfg: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # the same thread count as this process: CPU matmuls are bit-reproducible only at equal thread counts
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(torch.get_num_threads()))
     return subprocess.Popen([sys.executable, "-m", "neox_progressive.train", str(cfg), "--quiet", "--device", "cpu"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 

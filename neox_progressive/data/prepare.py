@@ -85,8 +85,6 @@ def prepare_data(documents: Callable[[], Iterable[str]], out: str | Path, *, tok
         append_eod: end every document with the EOD id (NeoX's `--append-eod`).
         force: replace existing outputs.
     """
-    from tqdm import tqdm
-
     out = str(out)
     if not 0 <= valid_fraction < 1:
         raise UserError(f"--valid-fraction must be in [0, 1), got {valid_fraction}")
@@ -102,10 +100,23 @@ def prepare_data(documents: Callable[[], Iterable[str]], out: str | Path, *, tok
         if not quiet:
             print(f"training a SentencePiece {spm_model_type} tokenizer ({vocab_size} pieces) on the data ...", file=sys.stderr)
         train_sentencepiece(train_texts, vocab_size, tok_path, model_type=spm_model_type)
-        tokenizer = tok_path
+        try:
+            return _tokenize(documents, out, tok_path, valid_out, valid_fraction, append_eod, eod_token, quiet, inputs)
+        except BaseException:
+            tok_path.unlink(missing_ok=True)  # nothing half-made stays behind
+            raise
+    return _tokenize(documents, out, Path(tokenizer), valid_out, valid_fraction, append_eod, eod_token, quiet, inputs)
+
+
+def _tokenize(documents, out: str, tokenizer: Path, valid_out: str | None, valid_fraction: float, append_eod: bool,
+              eod_token: str, quiet: bool, inputs: list[str] | None) -> PreparedData:
+    from tqdm import tqdm
+
     tok = load_tokenizer(tokenizer, eod_token if append_eod else None)
     dtype = best_fitting_dtype(tok.vocab_size)
-    result = PreparedData(out, valid_out, tok.type_name, str(Path(tokenizer)), tok.vocab_size,
+    # absolute paths: NeoX runs from its own checkout, where relative paths would point elsewhere
+    absolute = lambda p: str(Path(p).resolve()) if p else None  # noqa: E731
+    result = PreparedData(absolute(out), absolute(valid_out), tok.type_name, absolute(tokenizer), tok.vocab_size,
                           tok.eod if append_eod else None, dtype=dtype.__name__, inputs=list(inputs or []))
     train_b = DatasetBuilder(out, dtype, force=True)
     valid_b = DatasetBuilder(valid_out, dtype, force=True) if valid_out else None
