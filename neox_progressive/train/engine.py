@@ -157,6 +157,10 @@ class _Stage:
         self._load_weights()
         self.train_src = open_source(s.train_data, s.seq_length, s.seed, s.split, "train")
         self.valid_src = open_source(s.valid_data, s.seq_length, None, s.split, "valid") if s.valid_data else None
+        want = s.eval_iters * s.global_batch
+        if self.valid_src is not None and 0 < self.valid_src.samples_per_epoch < want:
+            s.notes.append(f"the validation data holds {self.valid_src.samples_per_epoch} samples, fewer than eval_iters x "
+                           f"global batch = {want}; every evaluation scores them all (in whole micro batches)")
         self.metrics_path = log_path or (s.save / "metrics.jsonl" if s.save else (s.log_dir or Path(".")) / "metrics.jsonl")
 
     def _complete_shape(self):
