@@ -149,4 +149,6 @@ class BuiltinEngine:
         log_dir.mkdir(parents=True, exist_ok=True)
         res = train_stage([stage_yaml], device=self.device, quiet=quiet,
                           log_path=log_dir / f"{Path(stage_yaml).stem}.metrics.jsonl")
-        return TrainResult(Path(res.checkpoint), metrics=Path(res.metrics) if res.metrics else None)
+        if res.save_dir is None:
+            raise UserError(f"{stage_yaml} has no `save` key; the runner needs each stage's checkpoint dir")
+        return TrainResult(Path(res.save_dir), metrics=res.metrics_path)
