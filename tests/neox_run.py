@@ -35,7 +35,10 @@ def neox_python() -> str:
 def shim_dir() -> Path:
     if os.environ.get("NEOX_CPU_SHIM_DIR"):
         return Path(os.environ["NEOX_CPU_SHIM_DIR"])
-    return Path(__file__).resolve().parents[2] / "shared" / "neox_cpu"
+    for parent in Path(__file__).resolve().parents[1:]:  # ../shared/neox_cpu beside the checkout (or higher)
+        if (parent / "shared" / "neox_cpu" / "sitecustomize.py").is_file():
+            return parent / "shared" / "neox_cpu"
+    raise RuntimeError("cannot find shared/neox_cpu; set NEOX_CPU_SHIM_DIR")
 
 
 def run_neox(script: str, *configs: str | Path, timeout: int = 600, log: Path | None = None) -> str:

@@ -1,0 +1,108 @@
+"""Tokenize text or JSONL files into GPT-NeoX's mmap dataset format (`PREFIX.bin` + `PREFIX.idx`).
+
+The output is what NeoX's tools/datasets/preprocess_data.py writes with `--dataset-impl mmap
+--append-eod` (one item per document: its token ids, then the EOD id), readable by NeoX's
+MMapIndexedDataset and by the builtin engine. Differences: the files are exactly PREFIX.bin/.idx
+(NeoX appends `_text_document`), they are written atomically, and `--valid-fraction` holds out
+documents (chosen by a hash of their text) into a validation dataset.
+
+Inputs: `.jsonl` files hold one document per line (`--jsonl-key`, default `text`); any other file
+is one document. `--stdlib-corpus N` uses N characters of Python standard-library docstrings
+instead (real text on every machine, no download).
+
+Tokenizer: a SentencePiece `.model` (NeoX `tokenizer_type: SPMTokenizer`) or an HF
+`tokenizer.json` (`HFTokenizer`). Without `--tokenizer`, a SentencePiece model of `--vocab-size`
+pieces is trained on the training documents first and saved as PREFIX.tokenizer.model, with
+`<|endoftext|>` as its EOD. PREFIX.meta.json records counts, the tokenizer and the NeoX config keys
+to use (`tokenizer_type`, `vocab_file`, `train_data_paths`, `valid_data_paths`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from neox_progressive.data.corpus import read_documents, stdlib_corpus
+from neox_progressive.data.prepare import output_paths, prepare_data
+from neox_progressive.data.tokenizer import EOD_TOKEN
+from neox_progressive.errors import UserError
+
+HELP = "tokenize text/JSONL files into NeoX's mmap dataset format (.bin/.idx)"
+EXAMPLES = """
+  neox-progressive prepare-data corpus.jsonl --tokenizer tokenizer.json --out data/corpus
+  neox-progressive prepare-data docs/*.txt --vocab-size 8000 --valid-fraction 0.01 --out data/docs
+  neox-progressive prepare-data --stdlib-corpus 2000000 --vocab-size 2048 --valid-fraction 0.05 --out data/stdlib
+"""
+
+
+def add_arguments(p) -> None:
+    p.add_argument("inputs", nargs="*", help="text or .jsonl files")
+    p.add_argument("--out", required=True, metavar="PREFIX", help="output prefix: writes PREFIX.bin and PREFIX.idx")
+    p.add_argument("--stdlib-corpus", type=int, metavar="N_CHARS",
+                   help="use N_CHARS characters of Python standard-library docstrings as the input")
+    p.add_argument("--jsonl-key", default="text", help="the JSONL key holding the text (default: text)")
+    p.add_argument("--tokenizer", metavar="FILE", help="SentencePiece .model or HF tokenizer.json; omit to train one")
+    p.add_argument("--vocab-size", type=int, default=8000, help="pieces of the trained SentencePiece model (default 8000)")
+    p.add_argument("--spm-model-type", choices=["bpe", "unigram"], default="bpe", help="trained model type (default bpe)")
+    p.add_argument("--eod-token", default=EOD_TOKEN, help=f"the end-of-document token (default {EOD_TOKEN}, as NeoX)")
+    p.add_argument("--no-eod", action="store_true", help="do not append the EOD id to each document")
+    p.add_argument("--valid-fraction", type=float, default=0.0, help="share of documents held out for validation")
+    p.add_argument("--valid-out", metavar="PREFIX", help="validation dataset prefix (default: PREFIX_valid)")
+    p.add_argument("--family", metavar="FAMILY_YML", help="also cut every member's token window (see the family file)")
+    p.add_argument("--force", action="store_true", help="replace existing outputs")
+    p.add_argument("--dry-run", action="store_true", help="print what would be written, write nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _documents(args):
+    if args.stdlib_corpus is not None:
+        if args.inputs:
+            raise UserError("give either input files or --stdlib-corpus, not both")
+        if args.stdlib_corpus <= 0:
+            raise UserError(f"--stdlib-corpus needs a positive number of characters, got {args.stdlib_corpus}")
+        docs = stdlib_corpus(args.stdlib_corpus)
+        return (lambda: iter(docs)), [f"stdlib-corpus:{args.stdlib_corpus}"]
+    if not args.inputs:
+        raise UserError("no input: pass text/.jsonl files, or --stdlib-corpus N_CHARS for built-in real text")
+    for path in args.inputs:
+        if not Path(path).is_file():
+            raise UserError(f"input file {path!r} does not exist")
+
+    def gen():
+        for path in args.inputs:
+            yield from read_documents(path, args.jsonl_key)
+    return gen, list(args.inputs)
+
+
+def run(args) -> int:
+    documents, inputs = _documents(args)
+    if args.tokenizer and not Path(args.tokenizer).is_file():
+        raise UserError(f"--tokenizer {args.tokenizer!r} does not exist")
+    if args.vocab_size < 16:
+        raise UserError(f"--vocab-size must be at least 16, got {args.vocab_size}")
+    if args.family:
+        raise UserError("--family is not available yet in this version; cut member windows with "
+                        "neox_progressive.data.cut_windows(train_prefix, windows, out_prefix)")
+    if args.dry_run:
+        valid_out = args.valid_out or (args.out + "_valid" if args.valid_fraction > 0 else None)
+        plan = {"inputs": inputs, "tokenizer": args.tokenizer or f"train SentencePiece ({args.vocab_size} pieces)",
+                "writes": [str(p) for p in output_paths(args.out, valid_out, args.tokenizer is None)]}
+        print(json.dumps(plan, indent=1))
+        return 0
+    result = prepare_data(documents, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                          spm_model_type=args.spm_model_type, valid_fraction=args.valid_fraction,
+                          valid_out=args.valid_out, append_eod=not args.no_eod, eod_token=args.eod_token,
+                          force=args.force, quiet=args.quiet, inputs=inputs)
+    out = sys.stdout
+    print(f"wrote {result.train_prefix}.bin/.idx: {result.train_documents} documents, {result.train_tokens} tokens "
+          f"({result.dtype})", file=out)
+    if result.valid_prefix:
+        print(f"wrote {result.valid_prefix}.bin/.idx: {result.valid_documents} documents, {result.valid_tokens} tokens",
+              file=out)
+    print(f"tokenizer: {result.vocab_file} ({result.tokenizer_type}, {result.vocab_size} tokens, EOD id {result.eod_id})",
+          file=out)
+    print("NeoX config keys:", file=out)
+    for key, value in result.neox_keys().items():
+        print(f"  {key}: {json.dumps(value)}", file=out)
+    return 0

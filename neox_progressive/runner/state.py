@@ -1,0 +1,79 @@
+"""The family run's state file: which steps are done, and checksums of what they produced.
+
+`<family dir>/<mode>/state.json` maps a step name (``"2B/expand"``, ``"2B/train"``, ...) to a
+record ``{"outputs": {path: digest}, "info": {...}, "finished": time}``. A step counts as done
+only if every recorded output still has the recorded digest, so a run that is killed at any
+moment, or whose outputs were changed or deleted afterwards, redoes exactly the steps whose
+results are not there. The file is replaced atomically (write, fsync, rename).
+
+A directory's digest is the sha256 over its files' relative paths and contents (hidden
+temporary directories excluded), so a checkpoint digest does not depend on timestamps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+def digest(path: str | Path) -> str | None:
+    """sha256 of a file, or of a directory tree (relative names + contents); None if missing."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    for f in files:
+        h.update(str(f.relative_to(path) if f != path else f.name).encode() + b"\0")
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+class RunState:
+    """Persistent record of completed steps (see module docstring)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.steps: dict[str, dict[str, Any]] = {}
+        if self.path.exists():
+            self.steps = json.loads(self.path.read_text()).get("steps", {})
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        with tmp.open("w") as f:
+            json.dump({"steps": self.steps}, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def done(self, step: str) -> bool:
+        """True if `step` finished and all its outputs are unchanged."""
+        rec = self.steps.get(step)
+        if rec is None:
+            return False
+        return all(digest(p) == d for p, d in rec["outputs"].items())
+
+    def info(self, step: str) -> dict[str, Any]:
+        return dict(self.steps.get(step, {}).get("info", {}))
+
+    def record(self, step: str, outputs: list[str | Path], info: dict[str, Any] | None = None) -> None:
+        """Mark `step` done with the current digests of `outputs`."""
+        self.steps[step] = {
+            "outputs": {str(p): digest(p) for p in outputs},
+            "info": info or {},
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        self._save()
+
+    def forget(self, step: str) -> None:
+        if self.steps.pop(step, None) is not None:
+            self._save()
