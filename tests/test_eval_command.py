@@ -105,3 +105,23 @@ def test_dry_run_and_refusing_to_overwrite(family, report, capsys):
     assert "pair independent/S -> progressive/L (cross-family)" in out and "steps: ppl, kl;" in out
     assert main(eval_args(root, specs, text, "--skip", "kl,specdec")) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_neox_mmap_data_gives_the_same_numbers_as_the_text(family, report, tmp_path):
+    data = pytest.importorskip("neox_progressive.data")
+    from tokenizers import Tokenizer
+
+    root, members, specs, text = family
+    tok = Tokenizer.from_file(str(root / "tok.json"))
+    eod = tok.token_to_id("<|endoftext|>")
+    docs = [tok.encode(json.loads(line)["text"]).ids + [eod] for line in text.read_text().splitlines()]
+    data.write_dataset(tmp_path / "valid_text_document", docs, vocab_size=tok.get_vocab_size())
+    out = tmp_path / "out"
+    args = ["eval", "--out", str(out), "--data", str(tmp_path / "valid_text_document"), "--ppl-windows", "4",
+            "--kl-windows", "3", "--seq-length", str(SEQ), "--skip", "specdec", "--quiet", "--member", specs[0],
+            "--member", specs[1]]
+    assert main(args) == 0
+    got = json.loads((out / "report.json").read_text())["families"]["progressive"]
+    want = report["families"]["progressive"]
+    assert got["members"][1]["perplexity"] == pytest.approx(want["members"][1]["perplexity"], rel=1e-6)
+    assert got["pairs"][0]["kl"]["kl"] == pytest.approx(want["pairs"][0]["kl"]["kl"], rel=1e-6)

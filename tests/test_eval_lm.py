@@ -81,3 +81,21 @@ def test_generate_until_equals_transformers_greedy(tmp_path):
             want = want.split(u)[0]
         assert text == want
     assert any(len(t) > 3 for t in got)
+
+
+def test_registered_by_name_for_lm_eval(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from eval_util import bpe_tokenizer, make_member
+    from lm_eval.api.registry import get_model
+
+    from neox_progressive.eval.harness import TaskSet
+    from neox_progressive.eval.lm import NeoXProgressiveLM
+    from neox_progressive.eval.tasks import write_example_tasks
+
+    assert get_model("neox-progressive") is NeoXProgressiveLM
+    member = make_member(tmp_path, "m", bpe_tokenizer(tmp_path / "tok.json"))
+    tasks = TaskSet([write_example_tasks(tmp_path / "tasks", n_docs=3)])
+    res = tasks.lm_eval.evaluator.simple_evaluate(
+        model="neox-progressive", model_args=f"checkpoint={member.checkpoint},config={member.configs[0]},batch_size=2",
+        tasks=["stdlib_choice"], limit=3, bootstrap_iters=0, **({"task_manager": tasks.manager} if tasks.manager else {}))
+    assert 0 <= res["results"]["stdlib_choice"]["acc,none"] <= 1
