@@ -125,3 +125,17 @@ def test_neox_mmap_data_gives_the_same_numbers_as_the_text(family, report, tmp_p
     want = report["families"]["progressive"]
     assert got["members"][1]["perplexity"] == pytest.approx(want["members"][1]["perplexity"], rel=1e-6)
     assert got["pairs"][0]["kl"]["kl"] == pytest.approx(want["pairs"][0]["kl"]["kl"], rel=1e-6)
+
+
+def test_help_and_example_tasks(tmp_path, capsys):
+    for verb, words in (("eval", ["KL(p_small || p_large)", "--member", "--example-tasks", "examples:"]),
+                        ("neox-patch", ["ea7aefd8", "--check", "--revert", "eval_hook"])):
+        with pytest.raises(SystemExit) as exc:
+            main([verb, "--help"])
+        assert exc.value.code == 0
+        out = capsys.readouterr().out
+        assert all(w in out for w in words), (verb, out)
+    assert main(["eval", "--write-example-tasks", str(tmp_path / "t")]) == 0
+    names = sorted(p.name for p in (tmp_path / "t").iterdir())
+    tasks = ("stdlib_choice", "stdlib_lastword", "stdlib_rolling")
+    assert names == sorted(f"{t}.{ext}" for t in tasks for ext in ("jsonl", "yaml"))
