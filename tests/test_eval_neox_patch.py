@@ -172,6 +172,7 @@ def test_eval_hook_logs_kl_to_the_previous_member_while_neox_trains(neox_copy, t
     from neox_run import CPU_KEYS
     from tiny import tiny_shape
 
+    from neox_progressive.eval.neox_hook import hook_config
     from neox_progressive.eval.tasks import stdlib_paragraphs
     from neox_progressive.io.reader import read_checkpoint
     from neox_progressive.model import Transformer
@@ -190,10 +191,9 @@ def test_eval_hook_logs_kl_to_the_previous_member_while_neox_trains(neox_copy, t
         "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_iters": 4, "eval_interval": 2,
         "eval_iters": 1, "log_interval": 1, "optimizer": {"type": "lion", "params": {"lr": 1.0e-3}},
         "lr_decay_style": "constant", "warmup": 0.0, "save": str(tmp_path / "ck"), "checkpoint_factor": 2,
-        "eval_hook": "neox_progressive.eval.neox_hook:kl_to_previous",
-        "eval_hook_args": {"previous_checkpoint": str(prev.checkpoint), "previous_config": [str(prev.configs[0])],
-                           "num_sequences": 3, "batch_size": 2, "log_file": str(tmp_path / "kl.jsonl")},
     }
+    cfg |= hook_config(prev.checkpoint, prev.configs, num_sequences=3, log_file=tmp_path / "kl.jsonl")
+    cfg["eval_hook_args"]["batch_size"] = 2
     (tmp_path / "train.yml").write_text(yaml.safe_dump(cfg))
     log = run_neox_with_plugin(neox_copy, "train.py", tmp_path / "train.yml")
     assert "validation results at iteration 2 |" in log and "kl_previous_member value:" in log

@@ -21,8 +21,10 @@ Member YAML (patched NeoX only: unpatched NeoX rejects these keys):
       num_sequences: 8                      # windows scored per evaluation
       seq_length: 512                       # default: the run's seq_length
       log_file: runs/fam/progressive/2B/kl_previous.jsonl
+      dtype: bf16                           # of the previous member's weights (default fp32)
 
-neox_progressive must be importable by NeoX's python (pip install -e, or on PYTHONPATH). The
+neox_progressive must be importable by NeoX's python (pip install -e, or on PYTHONPATH). A bad
+argument (missing checkpoint, other tokenizer, no data) stops the run at its first evaluation. The
 windows are read with NeoX's own mmap reader (megatron.data.indexed_dataset). Every rank loads
 the previous member (it is the smaller model); ranks without logits (pipeline stages before the
 last) return nothing.
@@ -55,7 +57,7 @@ def _documents(path: str):
         yield np.asarray(ds[i])
 
 
-def _setup(neox_args, device, previous_checkpoint, previous_config, data_path, num_sequences, seq_length):
+def _setup(neox_args, device, previous_checkpoint, previous_config, data_path, num_sequences, seq_length, dtype):
     configs = [previous_config] if isinstance(previous_config, str) else list(previous_config)
     prev = Member("previous", Path(previous_checkpoint), [Path(c) for c in configs])
     if prev.has_tokenizer() and prev.tokenizer.vocab_size != neox_args.tokenizer.vocab_size:
@@ -68,7 +70,7 @@ def _setup(neox_args, device, previous_checkpoint, previous_config, data_path, n
     windows = list(token_windows(_documents(path), seq + 1, int(num_sequences)))
     if not windows:
         raise UserError(f"eval_hook: {path} is shorter than one window of {seq + 1} tokens")
-    return prev.load(device, "fp32"), torch.as_tensor(np.stack(windows))
+    return prev.load(device, dtype), torch.as_tensor(np.stack(windows))
 
 
 def _current_logits(neox_args, model, tokens: torch.Tensor):
@@ -107,15 +109,17 @@ def _current_logits(neox_args, model, tokens: torch.Tensor):
 @torch.no_grad()
 def kl_to_previous(neox_args, model, forward_step_fn, *, previous_checkpoint: str, previous_config: str | list[str],
                    data_path: str | None = None, num_sequences: int = 8, seq_length: int | None = None,
-                   batch_size: int = 1, log_file: str | None = None, name: str = "kl_previous_member") -> dict:
+                   batch_size: int = 1, log_file: str | None = None, name: str = "kl_previous_member",
+                   dtype: str = "fp32") -> dict:
     """NeoX `eval_hook`: {name: App. F KL(p_previous || p_current)} over `num_sequences` held-out windows.
 
     `forward_step_fn` is part of the hook interface; it is not used (see `_current_logits`).
     """
     device = next(model.parameters()).device
-    key = (str(previous_checkpoint), str(previous_config), data_path, num_sequences, seq_length, str(device))
+    key = (str(previous_checkpoint), str(previous_config), data_path, num_sequences, seq_length, str(device), dtype)
     if key not in _CACHE:
-        _CACHE[key] = _setup(neox_args, device, previous_checkpoint, previous_config, data_path, num_sequences, seq_length)
+        _CACHE[key] = _setup(neox_args, device, previous_checkpoint, previous_config, data_path, num_sequences, seq_length,
+                             dtype)
     previous, windows = _CACHE[key]
     vocab = neox_args.tokenizer.vocab_size
     start = time.perf_counter()
@@ -135,3 +139,19 @@ def kl_to_previous(neox_args, model, forward_step_fn, *, previous_checkpoint: st
             f.write(json.dumps({"iteration": neox_args.iteration, name: value, "sequences": len(per_example),
                                 "seconds": time.perf_counter() - start}) + "\n")
     return {name: value}
+
+
+def hook_config(previous_checkpoint: str | Path, previous_config: list[str | Path], *, data_path: str | None = None,
+                num_sequences: int = 8, log_file: str | Path | None = None, dtype: str = "fp32") -> dict:
+    """The NeoX config keys that turn the hook on for a member trained after `previous_checkpoint`.
+
+    For config generators: merge the result into the member's stage YAML (patched NeoX only; check
+    with `neox-progressive neox-patch --neox-dir DIR --check`).
+    """
+    args: dict = {"previous_checkpoint": str(previous_checkpoint), "previous_config": [str(c) for c in previous_config],
+                  "num_sequences": int(num_sequences), "dtype": dtype}
+    if data_path:
+        args["data_path"] = str(data_path)
+    if log_file:
+        args["log_file"] = str(log_file)
+    return {"eval_hook": "neox_progressive.eval.neox_hook:kl_to_previous", "eval_hook_args": args}
