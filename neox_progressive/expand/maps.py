@@ -95,9 +95,15 @@ def gqa_layout(nh: int, nkv: int, nh2: int, nkv2: int, want: str = "auto") -> st
         return want
     good = feasible_kv_heads(nh, nkv, nh2)
     what = f"--gqa-layout {want}" if want != "auto" else "no supported GQA layout (mha, g_fixed, kv_fixed)"
+    if good:
+        fix = f"with {nh2} heads use num_kv_heads in {good} (keep the group size {g} or the {nkv} KV heads)"
+    else:
+        near = -(-nh2 // nkv) * nkv
+        fix = (f"no num_kv_heads works with {nh2} heads: use a head count divisible by {nkv} (e.g. {near}, "
+               f"num_kv_heads {nkv} or {near // g}), or MHA in both members")
     raise UserError(
         f"heads {nh}/kv {nkv} -> {nh2}/kv {nkv2}: {what} maps these (a target group must copy one whole source "
-        f"group); with {nh2} heads use num_kv_heads in {good or 'none'} (keep the group size {g} or the {nkv} KV heads)"
+        f"group); {fix}"
     )
 
 
