@@ -1,0 +1,100 @@
+"""Grow a trained NeoX checkpoint into the initialization of a bigger model (bert2BERT AKI or exact FPI).
+
+Width (hidden, heads with head_dim fixed, FFN) and depth in one pass, width first then depth
+(bert2BERT Algorithm 1), one global hidden-unit map, heads copied as whole blocks, one FFN map
+for gate and up (EXPANSION_SPEC.md). The target's TP degree and format (model_parallel_size,
+pipe_parallel_size) come from --dst-config: the tool reshards on output. The result loads in
+NeoX with `finetune: true`; `expansion.json` (shapes, options, seed, maps sha, source sha256s,
+command line) and `expansion_maps.npz` (every index map) are written inside --out.
+
+Defaults and the reading of bert2BERT each follows:
+  --method aki            the paper's (Yano et al. 2025 grow with bert2BERT AKI); fpi is function preserving
+  --depth-rule b2b        bert2BERT Algorithm 1: whole stacks, then the top L'-kL layers
+  --rms-comp              none for aki (as bert2BERT / AquilaMoE), exact for fpi (residual rescaling
+                          that keeps RMSNorm exact at any width ratio; EXPANSION_SPEC section 4)
+  --aki-second current    Wo / W_down columns from layer l (the literal per-matrix reading, LEMON's AKI baseline)
+  --aki-hidden copy       new hidden rows of Wo / W_down are copies (the residual stream stays consistent)
+  --map-sampling uniform  bert2BERT's f(.): uniform with replacement
+Every check (shapes only grow, head_dim, vocab, architecture flags, GQA layout, TP divisibility)
+runs before anything is written; the output is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from neox_progressive.expand.options import CHOICES, ExpandOptions
+
+HELP = "grow a NeoX checkpoint into the next member's start (bert2BERT AKI / exact FPI)"
+EXAMPLES = """
+  neox-progressive expand --src runs/1B/checkpoints --src-config stage_1B.yml --dst-config stage_2B.yml --out runs/2B/expanded
+  neox-progressive expand --src ck/global_step800 --src-config a.yml --dst-config b.yml --out x --method fpi --dry-run
+  python tools/expand_neox_ckpt.py --src ck --src-config a.yml --dst-config b.yml --out x --seed 3 --quiet
+"""
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--src", required=True, metavar="CKPT", help="NeoX save dir (with `latest`) or a global_stepN dir")
+    p.add_argument("--src-config", action="append", required=True, metavar="YML",
+                   help="the source member's NeoX YAML file(s), repeatable")
+    p.add_argument("--dst-config", action="append", required=True, metavar="YML",
+                   help="the target member's NeoX YAML file(s), repeatable (TP degree and format come from here)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the new checkpoint (refused if it exists, unless --force)")
+    p.add_argument("--method", choices=CHOICES["method"], default="aki", help="default aki, as in the paper")
+    p.add_argument("--depth-rule", choices=CHOICES["depth_rule"], default="b2b",
+                   help="default b2b (bert2BERT Algorithm 1); interp: t -> floor(t L/L'); cyclic: t mod L")
+    p.add_argument("--new-layer-init", choices=CHOICES["new_layer_init"], default="copy",
+                   help="added layers: copy (default) or zero_out (Wo = W_down = 0: the layer is the identity)")
+    p.add_argument("--rms-comp", choices=["none", "exact"], default=None,
+                   help="RMSNorm compensation; default none for aki, exact for fpi (what makes FPI exactly function preserving)")
+    p.add_argument("--map-sampling", choices=CHOICES["map_sampling"], default="uniform",
+                   help="new units: uniform with replacement (default, the paper's) or balanced permutations")
+    p.add_argument("--gqa-layout", choices=CHOICES["gqa_layout"], default="auto",
+                   help="auto (default): mha, g_fixed (same group size) or kv_fixed (same KV heads), as the head counts allow")
+    p.add_argument("--aki-second", choices=CHOICES["aki_second"], default="current",
+                   help="AKI Wo/W_down columns of new units: current layer (default) or upper layer l+1")
+    p.add_argument("--aki-hidden", choices=CHOICES["aki_hidden"], default="copy",
+                   help="AKI Wo/W_down rows of new hidden units: copy (default) or from upper layer l+1")
+    p.add_argument("--seed", type=int, default=0, help="seed of the hashed unit maps (default 0)")
+    p.add_argument("--stage", default="", help="stage name mixed into the hashed draws (chained stages differ)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (shapes, maps, bytes); load no tensors")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--format", choices=["text", "json"], default="text", help="output format")
+
+
+def options_of(args) -> ExpandOptions:
+    return ExpandOptions(method=args.method, depth_rule=args.depth_rule, new_layer_init=args.new_layer_init,
+                         rms_comp=args.rms_comp, map_sampling=args.map_sampling, seed=args.seed,
+                         gqa_layout=args.gqa_layout, aki_second=args.aki_second, aki_hidden=args.aki_hidden)
+
+
+def run(args) -> int:
+    from neox_progressive.expand import expand_checkpoint, plan_for
+    from neox_progressive.io.writer import check_destination
+
+    options = options_of(args)
+    if args.dry_run:
+        plan, _ = plan_for(args.src, args.src_config, args.dst_config, options, args.stage)
+        check_destination(args.out, args.force)
+        if args.format == "json":
+            print(json.dumps(plan.summary(), indent=1, default=str))
+        else:
+            print(plan.describe())
+            print(f"dry run: nothing written (would write {args.out})")
+        return 0
+    if not args.quiet and args.format == "text":
+        print(f"expand: method {options.method}, rms_comp {options.resolved_rms_comp} "
+              f"(default for {options.method})" if args.rms_comp is None else
+              f"expand: method {options.method}, rms_comp {options.resolved_rms_comp}", file=sys.stderr)
+    record = expand_checkpoint(args.src, args.src_config, args.dst_config, args.out, options, force=args.force,
+                               quiet=args.quiet, stage=args.stage)
+    if args.format == "json":
+        print(json.dumps(record, indent=1, default=str))
+    else:
+        t = record["target"]
+        print(f"wrote {args.out}: {t['num_layers']} layers, hidden {t['hidden_size']}, heads {t['num_heads']}/"
+              f"{t['num_kv_heads']}, ffn {t['ffn_size']}, TP {t['tp']}, {record['target_bytes']:,} bytes "
+              f"(expansion.json inside)")
+    return 0

@@ -1,0 +1,241 @@
+"""Token budgets, learning rates and data windows of a family: the plan (paper Sections 2-4, App. B).
+
+Eq. 4: member i trains on D_i tokens with 6 N_i D_i = 6 N_i D_i^scratch - sum_{j<i} 6 N_j D_j, so the
+whole progressive family costs 6 N_K D_K^scratch, what the largest member costs from scratch. The
+sum uses the budgets D_j, as the paper does (App. B: nominal 1/2/4/8B at 20 tokens/param give
+20/30/60/120B tokens and 1280 instead of 1700 units). Budgets are exact fractions.
+
+Each stage trains train_iters = ceil(D_i / (global batch x seq_length)) iterations, so its
+realized tokens are at least the budget and less than one global batch more.
+
+Size-scaled max LR (Section 4.4): linear in the parameter count between the smallest member's and
+the largest member's value.
+
+Data windows (see neox_progressive/data/windows.py): member k reads the window of the family's token
+stream that follows the windows of members < k; each window is `neox_window_tokens(train_iters,
+global_batch, seq_length)` long (NeoX asks for 0.5% more samples than it trains on), so the stream
+advances by that length. With `fixed_data` the stream is capped at the largest member's scratch
+tokens and a window that crosses the cap wraps to its start. Independent mode: every member starts
+at 0 and reads its own dataset `<train prefix>.independent.<member>`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+from neox_progressive.data.windows import neox_window_tokens
+from neox_progressive.errors import UserError
+from neox_progressive.family.spec import MODES, Family, Member
+
+
+def member_params(family: Family, member: Member) -> float:
+    """Parameters used for budgets: the member's shape count (embedding and untied head included),
+    or its nominal size when the family says `budget.params: nominal`."""
+    if family.budget.params == "nominal":
+        return float(member.nominal_params)
+    return float(member.shape().param_count(include_embeddings=True))
+
+
+def _exact(x: float) -> Fraction:
+    return Fraction(x).limit_denominator(10**6) if not float(x).is_integer() else Fraction(int(x))
+
+
+def scratch_budgets(family: Family) -> list[Fraction]:
+    """D_i^scratch: tokens_per_param x N_i, or the members' explicit scratch_tokens."""
+    if family.budget.tokens_per_param is not None:
+        tpp = _exact(family.budget.tokens_per_param)
+        return [tpp * _exact(member_params(family, m)) for m in family.members]
+    return [Fraction(m.scratch_tokens) for m in family.members]
+
+
+def token_budgets(family: Family, mode: str) -> list[Fraction]:
+    """D_i per member: Eq. 4 for progressive, D_i^scratch for independent."""
+    scratch = scratch_budgets(family)
+    if mode == "independent":
+        return scratch
+    params = [_exact(member_params(family, m)) for m in family.members]
+    out: list[Fraction] = []
+    for i, member in enumerate(family.members):
+        spent = sum((params[j] * out[j] for j in range(i)), Fraction(0))
+        d = (params[i] * scratch[i] - spent) / params[i]
+        if d <= 0:
+            raise UserError(
+                f"{family.path}: member {member.name} gets an Eq. 4 budget of {float(d):.4g} tokens (<= 0): the members "
+                f"before it already cost more than training it from scratch ({float(scratch[i]):.4g} tokens); give it "
+                "more scratch tokens or drop a smaller member"
+            )
+        out.append(d)
+    return out
+
+
+def max_lrs(family: Family) -> list[float]:
+    """Each member's max LR: fixed, per member, or linear in params from smallest to largest (Section 4.4)."""
+    lr = family.training.lr
+    if lr.rule == "fixed":
+        return [lr.max] * len(family.members)
+    if lr.rule == "per_member":
+        return [m.max_lr for m in family.members]
+    params = [member_params(family, m) for m in family.members]
+    if len(params) == 1:
+        return [lr.smallest]
+    lo, hi = params[0], params[-1]
+    return [_round(lr.smallest + (n - lo) / (hi - lo) * (lr.largest - lr.smallest)) for n in params]
+
+
+def _round(x: float) -> float:
+    """LRs to 6 significant digits, so the YAML says 3.0e-05, not 2.9999999999999997e-05."""
+    return float(f"{x:.6g}")
+
+
+@dataclass
+class PlanRow:
+    name: str
+    params: float
+    """Parameters used for the budget (see `member_params`)."""
+    shape_params: int
+    """Parameters of the shape (embedding and untied head included)."""
+    scratch_tokens: int
+    tokens: int
+    """This mode's budget D_i (ceil of the exact value)."""
+    flops: float
+    """6 N D_i (budget)."""
+    cumulative_flops: float
+    train_iters: int
+    realized_tokens: int
+    realized_flops: float
+    global_batch: int
+    micro_batch: int
+    gradient_accumulation_steps: int
+    num_gpus: int
+    max_lr: float
+    min_lr: float
+    warmup_iters: float
+    data_windows: list[list[int]]
+    train_data_path: str
+    window_tokens: int
+
+
+@dataclass
+class Plan:
+    family: str
+    mode: str
+    seq_length: int
+    params_rule: str
+    fixed_data_cap: int | None
+    rows: list[PlanRow] = field(default_factory=list)
+    total_flops: float = 0.0
+    independent_flops: float = 0.0
+    """What training every member from scratch costs (6 N_i D_i^scratch summed)."""
+    largest_scratch_flops: float = 0.0
+    saving: float = 0.0
+    """1 - total_flops / independent_flops."""
+    stream_tokens: int = 0
+    """Tokens of the training stream the windows reach (data to prepare)."""
+
+    def row(self, name: str) -> PlanRow:
+        return next(r for r in self.rows if r.name == name)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def batch_triple(family: Family, member: Member) -> tuple[int, int, int]:
+    """(micro batch per GPU, gradient accumulation steps, GPUs) with global = micro x GAS x dp."""
+    gpus = member.num_gpus or family.training.num_gpus
+    micro = member.micro_batch or family.training.micro_batch
+    shape = member.shape()
+    model_par = max(shape.pp, 1) * shape.tp
+    if gpus % model_par:
+        raise UserError(f"{family.path}: member {member.name}: {gpus} GPUs are not divisible by pipe x model parallel "
+                        f"= {model_par}; choose num_gpus as a multiple of {model_par}")
+    dp = gpus // model_par
+    if member.global_batch % (micro * dp):
+        raise UserError(
+            f"{family.path}: member {member.name}: global_batch {member.global_batch} is not micro_batch {micro} x "
+            f"data-parallel {dp} x an integer; NeoX needs train_batch = micro x GAS x dp: change micro_batch or num_gpus")
+    return micro, member.global_batch // (micro * dp), gpus
+
+
+def _windows(starts_at: int, length: int, cap: int | None) -> list[list[int]]:
+    if cap is None:
+        return [[starts_at, starts_at + length]]
+    out, pos, left = [], starts_at % cap, length
+    while left > 0:
+        take = min(left, cap - pos)
+        out.append([pos, pos + take])
+        left -= take
+        pos = (pos + take) % cap
+    return out
+
+
+def _train_data_path(family: Family, mode: str, member: Member) -> str:
+    return f"{family.data.train}.{member.name}" if mode == "progressive" else f"{family.data.train}.{mode}.{member.name}"
+
+
+def plan_family(family: Family, mode: str | None = None) -> Plan:
+    """The budget table: one row per member, totals and saving vs independent training."""
+    mode = mode or family.mode
+    if mode not in MODES:
+        raise UserError(f"mode {mode!r} is not one of {list(MODES)}")
+    seq = family.model.seq_length
+    scratch, budgets, lrs = scratch_budgets(family), token_budgets(family, mode), max_lrs(family)
+    cap = math.ceil(scratch[-1]) if family.budget.fixed_data and mode == "progressive" else None
+    plan = Plan(family=family.name, mode=mode, seq_length=seq, params_rule=family.budget.params, fixed_data_cap=cap)
+    cumulative, stream = 0.0, 0
+    for member, d_scratch, d, max_lr in zip(family.members, scratch, budgets, lrs):
+        n = member_params(family, member)
+        micro, gas, gpus = batch_triple(family, member)
+        tokens = math.ceil(d)
+        iters = math.ceil(tokens / (member.global_batch * seq))
+        realized = iters * member.global_batch * seq
+        window = neox_window_tokens(iters, member.global_batch, seq)
+        start = stream if mode == "progressive" else 0
+        lr = family.training.lr
+        warmup_iters = lr.warmup * iters
+        if 0 < warmup_iters < 1:
+            raise UserError(
+                f"{family.path}: training.lr.warmup {lr.warmup} x {iters} iterations of member {member.name} = "
+                f"{warmup_iters:.3g} warmup iterations (< 1): NeoX then starts at lr / {warmup_iters:.3g}, above the "
+                f"max LR; use warmup >= {1 / iters:.3g} or 0")
+        cumulative += 6 * n * float(d)
+        plan.rows.append(PlanRow(
+            name=member.name, params=n, shape_params=member.shape().param_count(), scratch_tokens=math.ceil(d_scratch),
+            tokens=tokens, flops=6 * n * float(d), cumulative_flops=cumulative, train_iters=iters,
+            realized_tokens=realized, realized_flops=6 * n * realized, global_batch=member.global_batch,
+            micro_batch=micro, gradient_accumulation_steps=gas, num_gpus=gpus, max_lr=max_lr,
+            min_lr=lr.min if lr.min is not None else _round(max_lr * lr.min_ratio), warmup_iters=warmup_iters,
+            data_windows=_windows(start, window, cap), train_data_path=_train_data_path(family, mode, member),
+            window_tokens=window))
+        if mode == "progressive":
+            stream += window
+        else:
+            stream = max(stream, window)
+    params = [member_params(family, m) for m in family.members]
+    plan.total_flops = cumulative
+    plan.independent_flops = sum(6 * n * float(s) for n, s in zip(params, scratch))
+    plan.largest_scratch_flops = 6 * params[-1] * float(scratch[-1])
+    plan.saving = 1 - plan.total_flops / plan.independent_flops
+    plan.stream_tokens = min(stream, cap) if cap is not None else stream
+    return plan
+
+
+@dataclass(frozen=True)
+class MemberDirs:
+    root: Path
+    """<output_dir>/<mode>/<member>"""
+    expanded: Path
+    """The expanded init of the member (the stage's `load`; none for the first progressive member)."""
+    checkpoints: Path
+    """The stage's `save`."""
+
+
+def member_dirs(family: Family, mode: str, member_name: str) -> MemberDirs:
+    """One directory convention for everyone: `<output_dir>/<mode>/<member>/{expanded,checkpoints}`."""
+    if mode not in MODES:
+        raise UserError(f"mode {mode!r} is not one of {list(MODES)}")
+    member = family.member(member_name)
+    root = family.output_dir / mode / member.name
+    return MemberDirs(root=root, expanded=root / "expanded", checkpoints=root / "checkpoints")

@@ -1,0 +1,104 @@
+"""The plan report: family_plan.json (for the runner and prepare-data), .md (for people), .png (Fig. 1/3 style)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from neox_progressive.family.budget import Plan
+from neox_progressive.family.spec import Family
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.4g}{unit}"
+    return f"{x:.4g}"
+
+
+def plan_json(family: Family, plan: Plan) -> dict:
+    """The plan as data, plus what the runner needs per member (stage file, dirs, expansion, eval)."""
+    from neox_progressive.family.budget import member_dirs
+    out = {"family": family.name, "family_file": family.path.name, "mode": plan.mode,
+           "params_rule": plan.params_rule + (" (shape count: embedding and untied head included)"
+                                              if plan.params_rule == "computed" else ""),
+           "seq_length": plan.seq_length, "fixed_data_cap": plan.fixed_data_cap, "train_data": family.data.train,
+           "valid_data": family.data.valid, "stream_tokens": plan.stream_tokens,
+           "total_flops": plan.total_flops, "independent_flops": plan.independent_flops,
+           "largest_scratch_flops": plan.largest_scratch_flops, "saving": plan.saving,
+           "expansion": family.expansion, "eval": family.eval, "members": []}
+    for row in plan.rows:
+        dirs = member_dirs(family, plan.mode, row.name)
+        rec = {**row.__dict__, "stage_yaml": f"stage_{row.name}.yml", "save": str(dirs.checkpoints)}
+        if plan.mode == "progressive" and row is not plan.rows[0]:
+            rec["load"] = str(dirs.expanded)
+        out["members"].append(rec)
+    return out
+
+
+def plan_table(plan: Plan) -> list[str]:
+    """Markdown table lines, one row per member, and a totals row."""
+    lines = ["| member | params | scratch tokens | tokens | FLOPs | cumulative FLOPs | train_iters | realized tokens | "
+             "max LR | data windows |", "|" + "---|" * 10]
+    for r in plan.rows:
+        wins = ", ".join(f"[{_si(a)}, {_si(b)})" for a, b in r.data_windows)
+        lines.append(f"| {r.name} | {_si(r.params)} | {_si(r.scratch_tokens)} | {_si(r.tokens)} | {r.flops:.4g} | "
+                     f"{r.cumulative_flops:.4g} | {r.train_iters} | {_si(r.realized_tokens)} | {r.max_lr:.3g} | {wins} |")
+    total_tokens = sum(r.tokens for r in plan.rows)
+    lines.append(f"| total | | | {_si(total_tokens)} | {plan.total_flops:.4g} | | "
+                 f"{sum(r.train_iters for r in plan.rows)} | {_si(sum(r.realized_tokens for r in plan.rows))} | | |")
+    return lines
+
+
+def plan_summary(plan: Plan) -> list[str]:
+    return [f"mode {plan.mode}: {plan.total_flops:.4g} FLOPs in total; independent training of every member: "
+            f"{plan.independent_flops:.4g}; the largest member from scratch: {plan.largest_scratch_flops:.4g}.",
+            f"saving vs independent: {plan.saving:.1%} (1 - {plan.total_flops / plan.largest_scratch_flops:.4g} x largest / "
+            f"{plan.independent_flops / plan.largest_scratch_flops:.4g} x largest).",
+            f"training data stream to prepare: {plan.stream_tokens:,} tokens"
+            + (f" (fixed data: capped at {plan.fixed_data_cap:,}, later windows wrap)" if plan.fixed_data_cap else "") + "."]
+
+
+def plan_markdown(family: Family, plan: Plan, independent: Plan) -> str:
+    lines = [f"# Family plan: {family.name} ({plan.mode})", "",
+             f"Generated from `{family.path.name}` by `neox-progressive generate-configs`. Parameters: "
+             + ("computed from the shapes, embedding and untied output head included." if plan.params_rule == "computed"
+                else "nominal sizes given in the family file.")
+             + f" Sequence length {plan.seq_length}; FLOPs = 6 N D.", "", *plan_table(plan), "", *plan_summary(plan)]
+    if plan is not independent:
+        lines += ["", "## Independent (every member from scratch), for comparison", "", *plan_table(independent)]
+    return "\n".join(lines) + "\n"
+
+
+def plan_png(family: Family, plan: Plan, independent: Plan, path: Path) -> Path | None:
+    """Bar chart of FLOPs per member, progressive vs independent, with the cumulative cost; None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn("matplotlib is not installed: family_plan.png skipped (pip install matplotlib)", stacklevel=2)
+        return None
+    names = [r.name for r in plan.rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    x = range(len(names))
+    other = independent if plan.mode == "progressive" else None
+    ax1.bar([i - 0.2 for i in x], [r.flops for r in plan.rows], width=0.4, label=plan.mode)
+    if other is not None and other is not plan:
+        ax1.bar([i + 0.2 for i in x], [r.flops for r in other.rows], width=0.4, label="independent")
+    ax1.set_xticks(list(x), names)
+    ax1.set_ylabel("training FLOPs")
+    ax1.set_title("FLOPs per member")
+    ax1.legend()
+    ax2.plot(names, [r.cumulative_flops for r in plan.rows], marker="o", label=plan.mode)
+    if other is not None and other is not plan:
+        ax2.plot(names, [r.cumulative_flops for r in other.rows], marker="s", label="independent")
+    ax2.set_title("cumulative FLOPs")
+    ax2.legend()
+    fig.suptitle(f"{family.name}: saving {plan.saving:.1%} vs independent")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

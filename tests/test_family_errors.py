@@ -1,0 +1,103 @@
+"""Bad family files: each problem is one UserError line that names the key and says how to fix it."""
+
+from __future__ import annotations
+
+import pytest
+from family_util import changed, paper_family, write_family
+
+from neox_progressive.errors import UserError
+from neox_progressive.family import load_family, plan_family
+
+
+def _error(tmp_path, data) -> str:
+    with pytest.raises(UserError) as info:
+        plan_family(load_family(write_family(tmp_path, data)))
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_sizes_not_increasing(tmp_path):
+    data = paper_family(params="computed")
+    data["members"][1], data["members"][2] = data["members"][2], data["members"][1]
+    assert "members must grow" in _error(tmp_path, data)
+    nominal = changed(paper_family(), **{"members.3.nominal_params": 3.0e9})
+    assert "8B" in _error(tmp_path, nominal)
+
+
+def test_eq4_budget_not_positive(tmp_path):
+    data = changed(paper_family(), budget={"params": "nominal"})
+    for m, tokens in zip(data["members"], (100e9, 40e9, 160e9, 320e9)):
+        m["scratch_tokens"] = int(tokens)
+    msg = _error(tmp_path, data)
+    assert "2B" in msg and "<= 0" in msg
+
+
+def test_heads_must_divide_hidden(tmp_path):
+    msg = _error(tmp_path, changed(paper_family(), **{"members.2.num_heads": 24}))
+    assert "members[2]" in msg and "3200" in msg and "24" in msg
+
+
+def test_ffn_width_neox_cannot_build(tmp_path):
+    msg = _error(tmp_path, changed(paper_family(), **{"model.mlp_multiple_of": 256}))
+    assert "11200" in msg and "mlp_multiple_of" in msg and "64" in msg
+
+
+@pytest.mark.parametrize("where, key, suggestion", [
+    ("", "tokens_per_parm", None),
+    ("budget", "tokens_per_parm", "tokens_per_param"),
+    ("members.0", "hiden_size", "hidden_size"),
+    ("training.lr", "warmpu", "warmup"),
+    ("model", "seq_len", "seq_length"),
+    ("expansion", "metod", "method"),
+    ("eval", "taks", "tasks"),
+    ("wandb", "grup", "group"),
+])
+def test_unknown_keys_did_you_mean(tmp_path, where, key, suggestion):
+    data = paper_family()
+    node = data
+    for part in where.split(".") if where else []:
+        node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
+    node[key] = 1
+    msg = _error(tmp_path, data)
+    assert "unknown key" in msg and key in msg
+    if suggestion:
+        assert f"did you mean {suggestion!r}" in msg
+
+
+def test_shared_block_checked(tmp_path):
+    assert "did you mean 'tokenizer_type'" in _error(tmp_path, changed(paper_family(), shared={"tokenizer_typ": "x"}))
+    msg = _error(tmp_path, changed(paper_family(), shared={"train_iters": 5}))
+    assert "shared.train_iters" in msg and "budget" in msg
+    assert "hidden_size" in _error(tmp_path, changed(paper_family(), shared={"hidden_size": 5}))
+    assert "integer" in _error(tmp_path, changed(paper_family(), shared={"checkpoint_num_layers": 2.5}))
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"budget": {}}, ["tokens_per_param", "scratch_tokens"]),
+    ({"training.lr": {"rule": "size_scaled", "smallest": 1.0e-3}}, ["largest"]),
+    ({"training.lr": {"rule": "fixed", "max": 1.0e-3, "smallest": 1.0e-3}}, ["smallest", "not used"]),
+    ({"training.lr": {"rule": "fixed", "max": 1.0e-3, "warmup": 1.5}}, ["warmup"]),
+    ({"training.lr": {"rule": "fixed", "max": 1.0e-3, "warmup": 1.0e-5}}, ["warmup", "< 1"]),
+    ({"training.micro_batch": 7}, ["global_batch", "micro_batch 7"]),
+    ({"training.num_gpus": "many"}, ["training.num_gpus", "integer"]),
+    ({"mode": "progresive"}, ["did you mean 'progressive'"]),
+    ({"budget.params": "nominal", "members.1.nominal_params": None}, ["nominal_params", "2B"]),
+    ({"members.0.name": "1B/x"}, ["members[0].name"]),
+    ({"members.1.name": "1B"}, ["unique"]),
+])
+def test_bad_values(tmp_path, change, words):
+    msg = _error(tmp_path, changed(paper_family(), **change))
+    for w in words:
+        assert w in msg, msg
+
+
+def test_missing_blocks_and_bad_yaml(tmp_path):
+    data = paper_family()
+    del data["training"]
+    assert "training" in _error(tmp_path, data)
+    (tmp_path / "bad.yml").write_text("name: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_family(tmp_path / "bad.yml")
+    with pytest.raises(UserError, match="does not exist"):
+        load_family(tmp_path / "missing.yml")
