@@ -62,8 +62,8 @@ def prepare(out: Path, quiet: bool) -> dict:
 def run(args) -> int:
     import shutil
 
-    from neox_progressive.commands.plan import render_plan
     from neox_progressive.family import load_family, plan_family
+    from neox_progressive.family.report import plan_summary, plan_table
     from neox_progressive.runner import evaluate, summary
     from neox_progressive.runner.engines import BuiltinEngine
     from neox_progressive.runner.family_run import FamilyRun
@@ -79,7 +79,8 @@ def run(args) -> int:
         "shared": {"tokenizer_type": "SPMTokenizer", "vocab_file": data["tokenizer"]},
     })
     _say("2. the family's budgets (Eq. 4):")
-    print(render_plan([plan_family(family, "progressive"), plan_family(family, "independent")]))
+    plan = plan_family(family, "progressive")
+    print("\n".join(plan_table(plan) + plan_summary(plan)))
     engine = BuiltinEngine(device=args.device)
     runs = [FamilyRun(family, mode, engine, quiet=args.quiet, device=args.device) for mode in ("progressive", "independent")]
     for i, r in enumerate(runs):

@@ -35,10 +35,10 @@ def eval_settings(family, quiet: bool, device: str | None):
         if k in kw:
             kw[k] = tuple(kw[k])
     data = getattr(family, "data", None)
-    valid = getattr(data, "valid_prefix", None) if data is not None else None
+    valid = getattr(data, "valid", None) if data is not None else None
     if "data" not in kw and "text" not in kw:
         if not valid:
-            raise UserError("the family file names no validation data (data.valid_prefix) for the evaluation")
+            raise UserError("the family file names no validation data (data.valid) for the evaluation")
         kw["data"] = str(valid)
     kw.setdefault("device", device or "auto")
     kw["quiet"] = quiet

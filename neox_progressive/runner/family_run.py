@@ -112,11 +112,11 @@ class FamilyRun:
         cut_member_windows(src, rows)
 
     def plan_rows(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.plan.to_dict()["members"]]
+        return [dict(r) for r in self.plan.to_dict()["rows"]]
 
     def train_prefix(self) -> str | None:
         data = getattr(self.family, "data", None)
-        prefix = getattr(data, "train_prefix", None) if data is not None else None
+        prefix = getattr(data, "train", None) if data is not None else None
         return str(prefix) if prefix else None
 
     def steps(self) -> Iterator[Step]:
