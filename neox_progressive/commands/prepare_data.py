@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from neox_progressive.data.corpus import read_documents, stdlib_corpus
+from neox_progressive.data.mmap_dataset import dataset_exists
 from neox_progressive.data.prepare import output_paths, prepare_data
 from neox_progressive.data.tokenizer import EOD_TOKEN
 from neox_progressive.errors import UserError
@@ -33,12 +34,15 @@ EXAMPLES = """
   neox-progressive prepare-data corpus.jsonl --tokenizer tokenizer.json --out data/corpus
   neox-progressive prepare-data docs/*.txt --vocab-size 8000 --valid-fraction 0.01 --out data/docs
   neox-progressive prepare-data --stdlib-corpus 2000000 --vocab-size 2048 --valid-fraction 0.05 --out data/stdlib
+  neox-progressive prepare-data --family configs/neox/tiny_family.yml      # its data.prepare block, then the windows
+  neox-progressive prepare-data corpus.jsonl --tokenizer tok.json --family family.yml   # --out = the family's data.train
 """
 
 
 def add_arguments(p) -> None:
     p.add_argument("inputs", nargs="*", help="text or .jsonl files")
-    p.add_argument("--out", required=True, metavar="PREFIX", help="output prefix: writes PREFIX.bin and PREFIX.idx")
+    p.add_argument("--out", metavar="PREFIX", help="output prefix: writes PREFIX.bin and PREFIX.idx (with --family: "
+                   "default the family's data.train)")
     p.add_argument("--stdlib-corpus", type=int, metavar="N_CHARS",
                    help="use N_CHARS characters of Python standard-library docstrings as the input")
     p.add_argument("--jsonl-key", default="text", help="the JSONL key holding the text (default: text)")
@@ -49,7 +53,9 @@ def add_arguments(p) -> None:
     p.add_argument("--no-eod", action="store_true", help="do not append the EOD id to each document")
     p.add_argument("--valid-fraction", type=float, default=0.0, help="share of documents held out for validation")
     p.add_argument("--valid-out", metavar="PREFIX", help="validation dataset prefix (default: PREFIX_valid)")
-    p.add_argument("--family", metavar="FAMILY_YML", help="also cut every member's token window (see the family file)")
+    p.add_argument("--family", metavar="FAMILY_YML",
+                   help="cut every member's token window of the family's training data (both modes) after preparing it; "
+                        "without inputs, only cut (or prepare from the family file's data.prepare block first)")
     p.add_argument("--force", action="store_true", help="replace existing outputs")
     p.add_argument("--dry-run", action="store_true", help="print what would be written, write nothing")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -75,15 +81,49 @@ def _documents(args):
     return gen, list(args.inputs)
 
 
+def family_defaults(args):
+    """With --family: the family, and the prepare arguments its file gives where the command line gives none."""
+    from neox_progressive.family import load_family
+
+    family = load_family(args.family)
+    if args.out and Path(args.out).resolve() != Path(family.data.train).resolve():
+        raise UserError(f"--out {args.out} is not the family's training data {family.data.train}; omit --out with --family")
+    args.out = str(family.data.train)
+    prep = dict(family.data.prepare or {})
+    if not args.inputs and args.stdlib_corpus is None and not dataset_exists(args.out):
+        if "stdlib_corpus" not in prep:
+            raise UserError(f"{family.data.train}.bin/.idx does not exist and the family file has no data.prepare "
+                            "block: pass input files (or --stdlib-corpus N) to prepare it")
+        args.stdlib_corpus = int(prep["stdlib_corpus"])
+        args.vocab_size = int(prep.get("vocab_size", args.vocab_size))
+        args.valid_fraction = float(prep.get("valid_fraction", args.valid_fraction))
+    if args.valid_fraction > 0 and not args.valid_out:
+        args.valid_out = str(family.data.valid)
+    return family
+
+
+def cut_family_windows(family, force: bool) -> None:
+    from neox_progressive.data import cut_member_windows
+    from neox_progressive.family import MODES, plan_family
+
+    for mode in MODES:
+        rows = [r.__dict__ for r in plan_family(family, mode).rows]
+        for name, ds in cut_member_windows(family.data.train, rows, force=force).items():
+            print(f"{mode} {name}: {ds.prefix} ({len(ds)} items)")
+
+
 def run(args) -> int:
+    family = family_defaults(args) if args.family else None
+    if not args.out:
+        raise UserError("--out PREFIX is required (or --family FAMILY.yml, whose data.train is the output)")
+    if family is not None and not args.inputs and args.stdlib_corpus is None:
+        cut_family_windows(family, args.force)
+        return 0
     documents, inputs = _documents(args)
     if args.tokenizer and not Path(args.tokenizer).is_file():
         raise UserError(f"--tokenizer {args.tokenizer!r} does not exist")
     if args.vocab_size < 16:
         raise UserError(f"--vocab-size must be at least 16, got {args.vocab_size}")
-    if args.family:
-        raise UserError("--family is not available yet in this version; cut member windows with "
-                        "neox_progressive.data.cut_windows(train_prefix, windows, out_prefix)")
     if args.dry_run:
         valid_out = args.valid_out or (args.out + "_valid" if args.valid_fraction > 0 else None)
         plan = {"inputs": inputs, "tokenizer": args.tokenizer or f"train SentencePiece ({args.vocab_size} pieces)",
@@ -105,4 +145,6 @@ def run(args) -> int:
     print("NeoX config keys:", file=out)
     for key, value in result.neox_keys().items():
         print(f"  {key}: {json.dumps(value)}", file=out)
+    if family is not None:
+        cut_family_windows(family, args.force)
     return 0

@@ -1,0 +1,173 @@
+"""`neox-progressive run` on the tiny family with the builtin engine: end to end, stage-start from the
+expanded weights, skipping what is done, and SIGKILL during expansion and during training followed by
+a rerun giving the same final checkpoints as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from runner_util import FAST, cli_process, prepare_tiny_data, write_family
+from train_util import checksums
+
+from neox_progressive.cli import main
+from neox_progressive.family import load_family, member_dirs
+from neox_progressive.runner.state import RunState
+from neox_progressive.train import expanded_loss, read_metrics, read_settings
+
+MEMBERS = ["s", "m", "l"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return prepare_tiny_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """The tiny family trained progressively once (uninterrupted): (family file, family)."""
+    root = tmp_path_factory.mktemp("ref")
+    fam = write_family(root / "family.yml", data, root / "out", **FAST)
+    assert main(["run", str(fam), "--engine", "builtin", "--device", "cpu", "--quiet", "--no-eval"]) == 0
+    return fam, load_family(fam)
+
+
+def final_checksums(family, mode: str = "progressive") -> dict[str, dict[str, str]]:
+    out = {}
+    for name in MEMBERS:
+        save = member_dirs(family, mode, name).checkpoints
+        out[name] = checksums(save / (save / "latest").read_text().strip())
+    return out
+
+
+def stage_yaml(family, name: str, mode: str = "progressive") -> Path:
+    return Path(family.output_dir) / mode / "configs" / f"stage_{name}.yml"
+
+
+@pytest.mark.slow
+def test_every_stage_checkpoint_passes_inspect(trained, capsys):
+    _, family = trained
+    for name in MEMBERS:
+        save = member_dirs(family, "progressive", name).checkpoints
+        assert main(["inspect", str(save), "--config", str(stage_yaml(family, name)), "--quiet"]) == 0
+    assert "layers" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_later_stages_start_from_the_expanded_weights(trained):
+    _, family = trained
+    logs = Path(family.output_dir) / "progressive" / "logs"
+    first = read_metrics(logs / "stage_s.metrics.jsonl", "valid")[0]["loss"]   # a random init's loss
+    assert abs(first - math.log(512)) < 0.5
+    for name in MEMBERS[1:]:
+        yml = stage_yaml(family, name)
+        # the expanded checkpoint's loss, computed here by the reference model from the files on disk
+        st = read_settings([yml])
+        exp = expanded_loss(member_dirs(family, "progressive", name).expanded, [yml], device="cpu",
+                            n_batches=st.eval_iters * st.grad_acc)
+        valid = read_metrics(logs / f"stage_{name}.metrics.jsonl", "valid")
+        train = read_metrics(logs / f"stage_{name}.metrics.jsonl", "train")
+        assert valid[0]["iteration"] == 0 and abs(valid[0]["loss"] - exp) < 0.05, (valid[0], exp)
+        assert abs(train[0]["loss"] - exp) < 0.5 and first - train[0]["loss"] > 1.5, (train[0], exp, first)
+        info = RunState(Path(family.output_dir) / "progressive" / "state.json").info(f"{name}/train")
+        assert info["start_check"]["verdict"] == "expanded"
+
+
+@pytest.mark.slow
+def test_rerun_skips_verified_steps_and_redoes_changed_ones(trained, capsys):
+    fam, family = trained
+    before = final_checksums(family)
+    t0 = time.time()
+    assert main(["run", str(fam), "--engine", "builtin", "--device", "cpu", "--no-eval"]) == 0
+    err = capsys.readouterr().err
+    assert time.time() - t0 < 30 and err.count("skipping") == 5, err   # s, m, l train + m, l expand
+    assert final_checksums(family) == before
+    # a changed expansion seed: the first member stays done, everything from the first expansion on is redone
+    changed = write_family(fam.with_name("changed.yml"), {"train": str(family.data.train), "valid": str(family.data.valid),
+                                                          "tokenizer": family.shared["vocab_file"]},
+                           family.output_dir, **FAST, expansion={"seed": 1})
+    assert main(["run", str(changed), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "s/train: train s (from scratch)  (done, will be skipped)" in out
+    assert "m/expand: expand s -> m\n" in out and "(done" not in out.split("m/expand")[1]
+
+
+def test_dry_run_prints_steps_and_commands_and_writes_nothing(data, tmp_path, capsys):
+    fam = write_family(tmp_path / "family.yml", data, tmp_path / "out", **FAST)
+    assert main(["run", str(fam), "--dry-run", "--mode", "both"]) == 0
+    out = capsys.readouterr().out
+    for line in ("[progressive] m/expand: expand s -> m", "[progressive] l/train: train l (from the expanded l)",
+                 "[independent] l/train: train l (from scratch)", "$ neox-progressive expand --src"):
+        assert line in out, out
+    assert "[independent] m/expand" not in out
+    assert not (tmp_path / "out").exists()
+    neox = tmp_path / "neox"
+    neox.mkdir()
+    (neox / "deepy.py").write_text("")
+    assert main(["run", str(fam), "--dry-run", "--engine", "neox", "--neox-dir", str(neox)]) == 0
+    assert f"deepy.py {neox}/train.py " in capsys.readouterr().out
+
+
+def test_bad_engine_arguments(data, tmp_path, capsys):
+    fam = write_family(tmp_path / "family.yml", data, tmp_path / "out", **FAST)
+    assert main(["run", str(fam), "--engine", "neox"]) == 2
+    assert "--neox-dir" in capsys.readouterr().err
+    assert main(["run", str(fam), "--engine", "neox", "--neox-dir", str(tmp_path)]) == 2
+    assert "not a GPT-NeoX checkout" in capsys.readouterr().err
+
+
+SLOW_EXPAND = """
+import time
+import neox_progressive.expand.run as R
+class _Slow(R.CheckpointWriter):
+    def write_layer(self, *a, **k):
+        print('EXPAND-WRITING-LAYER', flush=True)
+        time.sleep(0.4)
+        return super().write_layer(*a, **k)
+R.CheckpointWriter = _Slow
+"""
+
+
+def _run_until(proc, *markers: str, timeout: float = 240) -> list[str]:
+    """Read the process's output until the markers have appeared in this order, then SIGKILL it."""
+    seen, todo = [], list(markers)
+    deadline = time.time() + timeout
+    for line in proc.stdout:
+        seen.append(line)
+        if todo[0] in line:
+            todo.pop(0)
+        if not todo or time.time() > deadline:
+            break
+    assert proc.poll() is None, "the run ended before it could be killed:\n" + "".join(seen[-20:])
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return seen
+
+
+@pytest.mark.slow
+def test_sigkill_during_expansion_and_training_then_rerun_gives_the_same_family(trained, data, tmp_path):
+    _, ref_family = trained
+    fam = write_family(tmp_path / "family.yml", data, tmp_path / "out", **FAST)
+    family = load_family(fam)
+    args = ("run", str(fam), "--engine", "builtin", "--device", "cpu", "--no-eval")
+    # 1. killed while the expansion s -> m writes its layers
+    _run_until(cli_process(*args, extra_code=SLOW_EXPAND), "EXPAND-WRITING-LAYER")
+    expanded = member_dirs(family, "progressive", "m").expanded
+    assert not (expanded / "latest").exists()
+    assert not any(p.name.startswith("m") or p == expanded for p in expanded.parent.iterdir() if (p / "latest").exists())
+    # 2. killed while training l, after a few iterations
+    _run_until(cli_process(*args), "[progressive] train l", "iteration      15", timeout=300)
+    state = RunState(tmp_path / "out" / "progressive" / "state.json")
+    assert state.done("m/train") and not state.done("l/train")
+    # 3. to the end
+    proc = cli_process(*args)
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert "l/train: done before" not in out and "s/train: done before" in out
+    assert final_checksums(family) == final_checksums(ref_family)
+    assert json.loads((tmp_path / "out" / "progressive" / "state.json").read_text())["steps"].keys() == {
+        "s/train", "m/expand", "m/train", "l/expand", "l/train"}
