@@ -73,3 +73,37 @@ def test_neox_refuses_what_the_validator_refuses(tmp_path):
         assert not res["ok"], f"NeoX accepted {name}"
     assert results[-1]["ok"], results[-1]
     assert (neox_dir() / "configs" / "cpu_mock_config.yml").is_file()
+
+
+@pytest.mark.slow
+def test_tiny_family_first_stage_trains_in_neox(tmp_path):
+    """Real NeoX (CPU shim) trains the generated stage 1 YAML; the CPU keys go into the one file via `shared`."""
+    import math
+    import re
+
+    from neox_run import CPU_KEYS, run_neox
+    from train_util import make_data
+
+    from neox_progressive.data import cut_member_windows
+    from neox_progressive.io.reader import CheckpointReader
+
+    data = make_data(tmp_path / "data", n_chars=80_000, vocab=512)
+    cpu = {k: v for k, v in CPU_KEYS.items() if k not in ("precision", "use_wandb")}  # the family sets these itself
+    fam = load_family(CONFIGS / "tiny_family.yml", {
+        "output_dir": str(tmp_path / "runs"), "data": {"train": data["train"], "valid": data["valid"]},
+        "shared": {"vocab_file": data["tokenizer"], **cpu}, "budget": {"tokens_per_param": 0.2},
+        "training": {"lr": {"warmup": 0.1}, "eval_interval": 10}})
+    generate_configs(fam, tmp_path / "cfg", plot=False)
+    first = plan_family(fam).rows[0]
+    cut_member_windows(fam.data.train, [first.__dict__])
+    log = run_neox("train.py", tmp_path / "cfg" / "stage_s.yml", log=tmp_path / "neox.log", timeout=900)
+    iters = first.train_iters
+    losses = [float(x) for x in re.findall(rf"iteration\s+\d+/\s*{iters} \|.*?lm_loss: ([0-9.E+-]+)", log)]
+    valid = [float(x) for x in re.findall(r"validation results at iteration \d+ \| lm_loss value: ([0-9.E+-]+)", log)]
+    assert re.search(rf"iteration\s+20/\s*{iters} \|", log) and losses[-1] < losses[0]
+    assert max(valid) < math.log(512) - 0.5  # trained: well below a uniform guess over the vocabulary
+    # NeoX builds the training samples (the first dataset it builds) from one epoch of the member's window
+    assert re.findall(r"  number of epochs:\s+(\d+)", log)[0] == "1"
+    assert re.findall(r"  total number of samples:\s+(\d+)", log)[0] == str(math.ceil(iters * 8 * 1.005))
+    reader = CheckpointReader(tmp_path / "runs" / "progressive" / "s" / "checkpoints", fam.members[0].shape())
+    assert reader.iteration == iters
