@@ -374,6 +374,8 @@ def _eval(s: Section) -> dict:
     for f in fields(EvalSettings):
         if f.name != "quiet":
             s.raw(f.name)
+    s.get("enabled", bool, True)  # the runner's: evaluate after training
+    s.get("example_tasks", bool, False)  # the runner's: add the built-in example lm-eval tasks
     s.done()
     return dict(s.data)
 
@@ -415,7 +417,7 @@ def load_family(path: str | Path, overrides: Mapping | None = None) -> Family:
     raw = read_yaml(path)
     if overrides:
         raw = _merge(raw, overrides)
-    file, base = str(path), path.resolve().parent
+    file, base = str(path), path.absolute().parent  # not resolve(): a symlinked family file keeps its own dir
     top = Section(raw, "", file)
     model = _model(top.section("model", required=True))
     members = _members(top, model)
