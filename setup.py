@@ -29,7 +29,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["neox_progressive", "neox_progressive.*"]),
-    package_data={"neox_progressive": ["data/*", "data/**/*", "neox_args/*.json"]},
+    package_data={"neox_progressive": ["data/*", "data/**/*", "neox_args/*.json", "examples/*.yml"]},
     include_package_data=True,
     install_requires=CORE,
     extras_require=EXTRAS,

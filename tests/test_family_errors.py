@@ -20,9 +20,11 @@ def _error(tmp_path, data) -> str:
 def test_sizes_not_increasing(tmp_path):
     data = paper_family(params="computed")
     data["members"][1], data["members"][2] = data["members"][2], data["members"][1]
-    assert "members must grow" in _error(tmp_path, data)
+    msg = _error(tmp_path, data)
+    assert "hidden_size 2560 < 3200" in msg and "smallest first" in msg
     nominal = changed(paper_family(), **{"members.3.nominal_params": 3.0e9})
-    assert "8B" in _error(tmp_path, nominal)
+    msg = _error(tmp_path, nominal)
+    assert "members must grow" in msg and "8B" in msg
 
 
 def test_eq4_budget_not_positive(tmp_path):
@@ -52,6 +54,7 @@ def test_ffn_width_neox_cannot_build(tmp_path):
     ("expansion", "metod", "method"),
     ("eval", "taks", "tasks"),
     ("wandb", "grup", "group"),
+    ("data.prepare", "vocab_sise", "vocab_size"),
 ])
 def test_unknown_keys_did_you_mean(tmp_path, where, key, suggestion):
     data = paper_family()

@@ -324,10 +324,26 @@ def _training(s: Section, members: list[Member]) -> Training:
     return t
 
 
+def _prepare(s: Section, base: Path) -> dict:
+    """The source of the training stream for `prepare-data` (its options, by the same names)."""
+    out = {"inputs": s.get("inputs", list, None), "stdlib_corpus": s.get("stdlib_corpus", int, None, positive=True),
+           "jsonl_key": s.get("jsonl_key", str, None), "tokenizer": s.get("tokenizer", str, None),
+           "vocab_size": s.get("vocab_size", int, None, positive=True),
+           "spm_model_type": s.get("spm_model_type", str, None, choices=("bpe", "unigram")),
+           "eod_token": s.get("eod_token", str, None), "no_eod": s.get("no_eod", bool, None),
+           "valid_fraction": s.get("valid_fraction", float, None)}
+    s.done()
+    if out["inputs"] is not None:
+        out["inputs"] = [_path(str(p), base) for p in out["inputs"]]
+    if out["tokenizer"] is not None:
+        out["tokenizer"] = _path(out["tokenizer"], base)
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def _data(s: Section, base: Path) -> DataSpec:
     d = DataSpec(train=_path(s.get("train", str, example="/data/fineweb/train_text_document"), base),
                  valid=_path(s.get("valid", str, example="/data/fineweb/valid_text_document"), base),
-                 test=s.get("test", str, None), prepare=s.get("prepare", dict, {}))
+                 test=s.get("test", str, None), prepare=_prepare(s.section("prepare"), base))
     s.done()
     if d.test is not None:
         d = DataSpec(d.train, d.valid, _path(d.test, base), d.prepare)
@@ -341,7 +357,10 @@ def _expansion(s: Section) -> dict:
         ExpandOptions = None
     if ExpandOptions is not None:
         from dataclasses import asdict
-        return asdict(ExpandOptions.from_dict(dict(s.data)))
+        try:
+            return asdict(ExpandOptions.from_dict(dict(s.data)))
+        except UserError as exc:
+            raise UserError(f"{s.file}: {s.where}: {exc}") from None
     out = {key: s.get(key, str, None, choices=choices) for key, choices in EXPANSION_CHOICES.items()}
     out["seed"] = s.get("seed", int, 0)
     s.done()
@@ -355,6 +374,8 @@ def _eval(s: Section) -> dict:
     for f in fields(EvalSettings):
         if f.name != "quiet":
             s.raw(f.name)
+    s.get("enabled", bool, True)  # the runner's: evaluate after training
+    s.get("example_tasks", bool, False)  # the runner's: add the built-in example lm-eval tasks
     s.done()
     return dict(s.data)
 
@@ -371,7 +392,13 @@ def _members(top: Section, model: ModelDefaults) -> list[Member]:
 
 
 def _check_order(family: Family) -> None:
+    """Members grow: more parameters, and no dimension smaller than the member before (expansion only grows)."""
     from neox_progressive.family.budget import member_params
+    for a, b in zip(family.members, family.members[1:]):
+        for dim in ("hidden_size", "ffn_size", "num_layers", "num_heads", "num_kv_heads"):
+            if getattr(b, dim) < getattr(a, dim):
+                raise UserError(f"{family.path}: member {b.name} has {dim} {getattr(b, dim)} < {getattr(a, dim)} of {a.name}; "
+                                "expansion grows a model (wider and deeper): list members smallest first")
     prev = None
     for m in family.members:
         n = member_params(family, m)
@@ -390,7 +417,7 @@ def load_family(path: str | Path, overrides: Mapping | None = None) -> Family:
     raw = read_yaml(path)
     if overrides:
         raw = _merge(raw, overrides)
-    file, base = str(path), path.resolve().parent
+    file, base = str(path), path.absolute().parent  # not resolve(): a symlinked family file keeps its own dir
     top = Section(raw, "", file)
     model = _model(top.section("model", required=True))
     members = _members(top, model)
