@@ -1,0 +1,77 @@
+"""`neox-progressive run --engine neox` for real (NEOX_DIR; GPT-NeoX on CPU through ../shared/neox_cpu):
+a 2-member tiny family, NeoX trains both stages, the runner expands NeoX's checkpoint of member 1, and
+member 2's first logged NeoX loss is the expanded checkpoint's loss computed by the reference model."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from neox_run import CPU_KEYS, neox_dir, neox_python, shim_dir
+from runner_util import prepare_tiny_data, write_family
+
+from neox_progressive.family import load_family
+from neox_progressive.data import MMapDataset
+from neox_progressive.io.reader import CheckpointReader, read_checkpoint
+from neox_progressive.model import Transformer
+from neox_progressive.runner.engines import NeoXEngine
+from neox_progressive.runner.family_run import FamilyRun
+from neox_progressive.train import parse_neox_losses
+
+pytestmark = [pytest.mark.neox, pytest.mark.slow]
+
+
+def neox_sample(prefix: str, i: int) -> np.ndarray:
+    """Training sample i as NeoX's GPT2Dataset builds it from its cached doc/sample/shuffle index files
+    (one dataset, so the blend is the identity)."""
+    ds = MMapDataset(prefix)
+    name = Path(prefix).name
+    idx_dir = Path(prefix).parent
+    files = {k: sorted(idx_dir.glob(f"{name}_train_*_{k}_idx.npy")) for k in ("doc", "sample", "shuffle")}
+    assert all(len(v) == 1 for v in files.values()), files
+    doc_idx, sample_idx, shuffle_idx = (np.load(files[k][0], allow_pickle=False) for k in ("doc", "sample", "shuffle"))
+    j = shuffle_idx[i]
+    (df, of), (dl, ol) = sample_idx[j], sample_idx[j + 1]
+    if df == dl:
+        return np.asarray(ds[doc_idx[df]][of: ol + 1])
+    parts = [np.asarray(ds[doc_idx[df]][of:])] + [np.asarray(ds[doc_idx[d]]) for d in range(df + 1, dl)]
+    return np.concatenate(parts + [np.asarray(ds[doc_idx[dl]][: ol + 1])])
+
+
+def test_two_member_family_with_the_neox_engine(tmp_path):
+    data = prepare_tiny_data(tmp_path / "data")
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "neox_progressive" / "examples" / "tiny_family.yml").read_text())
+    cpu = {k: v for k, v in CPU_KEYS.items() if k not in ("precision", "use_wandb")}
+    fam_file = write_family(tmp_path / "family.yml", data, tmp_path / "out", members=raw["members"][:2],
+                            budget={"tokens_per_param": 0.5}, shared=cpu,
+                            training={"log_interval": 1, "eval_interval": 1000, "checkpoint_interval": 1000})
+    family = load_family(fam_file)
+    py = neox_python()
+    env = {"NEOX_CPU_SHIM": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(shim_dir()), "WANDB_MODE": "offline",
+           "TORCH_EXTENSIONS_DIR": str(Path(py).parent.parent / "ext"),
+           "PATH": f"{Path(py).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    run = FamilyRun(family, "progressive", NeoXEngine(neox_dir(), python=py, env=env), quiet=True, device="cpu")
+    results = run.run()
+    for name in ("s", "m"):
+        save = Path(results[f"{name}/train"]["checkpoint"])
+        assert CheckpointReader(save, family.member(name).shape()).iteration > 0
+    check = results["m/train"]["start_check"]
+    log = (tmp_path / "out" / "progressive" / "logs" / "stage_m.neox.log").read_text()
+    first = parse_neox_losses(log)[0]
+    assert first[0] == 1 and check["first_losses"][0] == pytest.approx(first[1])
+    # NeoX's first loss vs the reference model on the expanded checkpoint, on exactly NeoX's first batch
+    # (rebuilt from the sample index files NeoX cached beside member m's window dataset)
+    row = run.plan.row("m")
+    batch = torch.from_numpy(np.stack([neox_sample(row.train_data_path, i) for i in range(row.global_batch)]).astype(np.int64))
+    shape, sd = read_checkpoint(run.dirs("m").expanded, [run.stage_yaml("m")])
+    with torch.no_grad():
+        logits = Transformer.from_state_dict(shape, sd)(batch[:, :-1])
+    ref = float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()))
+    assert abs(first[1] - ref) < 1e-3, (first, ref, check)
+    print("NeoX first loss", first, "expanded (train window)", ref, "(held out)", check["expanded_loss"], "ln V", math.log(512))
+    assert math.log(512) - first[1] > 1.0 and check["verdict"] == "expanded"
