@@ -171,3 +171,21 @@ def test_sigkill_during_expansion_and_training_then_rerun_gives_the_same_family(
     assert final_checksums(family) == final_checksums(ref_family)
     assert json.loads((tmp_path / "out" / "progressive" / "state.json").read_text())["steps"].keys() == {
         "s/train", "m/expand", "m/train", "l/expand", "l/train"}
+
+
+@pytest.mark.slow
+def test_run_evaluates_the_family_and_eval_reads_the_family_file(trained, tmp_path, capsys):
+    fam, family = trained
+    assert main(["run", str(fam), "--engine", "builtin", "--device", "cpu", "--quiet"]) == 0
+    report = json.loads((Path(family.output_dir) / "report" / "report.json").read_text())
+    members = report["families"]["progressive"]["members"]
+    assert [m["name"] for m in members] == MEMBERS and len(report["families"]["progressive"]["pairs"]) == 2
+    assert all(m["perplexity"]["loss"] > 0 for m in members)
+    assert main(["run", str(fam), "--engine", "builtin", "--device", "cpu"]) == 0
+    assert "eval: done before" in capsys.readouterr().err
+    # `eval FAMILY.yml` finds the trained members and the family's held-out data by itself
+    assert main(["eval", str(fam), "--out", str(tmp_path / "ev"), "--skip", "specdec", "--ppl-windows", "4",
+                 "--kl-windows", "4", "--quiet", "--device", "cpu"]) == 0
+    again = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert [m["name"] for m in again["families"]["progressive"]["members"]] == MEMBERS
+    assert again["settings"]["data"] == str(family.data.valid)

@@ -166,6 +166,10 @@ def run(args) -> int:
         raise UserError("--out is required: the directory for report.md, report.json and the plots")
     s = settings_from(args)
     members = members_from(args)
+    if args.family and not (s.data or s.text):
+        from neox_progressive.family import load_family
+
+        s.data = str(load_family(args.family).data.valid)  # the family's held-out data
     if args.dry_run:
         dry_run(members, s)
         return 0

@@ -73,7 +73,7 @@ def evaluate_runs(family, runs: list, *, quiet: bool = False, device: str | None
     out = Path(family.output_dir) / "report"
     state = RunState(Path(family.output_dir) / "eval_state.json")
     inputs: dict[str, Any] = {m.label: digest(m.checkpoint) for m in members}
-    inputs["settings"] = repr(settings)
+    inputs["settings"] = repr(dataclasses.replace(settings, quiet=False))  # what is computed, not how it is shown
     if state.done("eval") and state.info("eval").get("inputs") == inputs:
         if not quiet:
             print(f"eval: done before, report verified: {out / 'report.md'}", file=sys.stderr)
