@@ -15,8 +15,8 @@ import yaml
 from neox_run import CPU_KEYS, neox_dir, neox_python, shim_dir
 from runner_util import prepare_tiny_data, write_family
 
-from neox_progressive.family import load_family
 from neox_progressive.data import MMapDataset
+from neox_progressive.family import load_family
 from neox_progressive.io.reader import CheckpointReader, read_checkpoint
 from neox_progressive.model import Transformer
 from neox_progressive.runner.engines import NeoXEngine
