@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from runner_util import FAST, cli_process, prepare_tiny_data, write_family
 from train_util import checksums
 
@@ -189,3 +190,40 @@ def test_run_evaluates_the_family_and_eval_reads_the_family_file(trained, tmp_pa
     again = json.loads((tmp_path / "ev" / "report.json").read_text())
     assert [m["name"] for m in again["families"]["progressive"]["members"]] == MEMBERS
     assert again["settings"]["data"] == str(family.data.valid)
+
+
+def test_wandb_every_stage_logs_into_the_configured_group(data, tmp_path, monkeypatch):
+    """One W&B group named exactly as configured for all stages of a run, one run per member; the builtin
+    engine passes it to wandb.init unchanged (offline: no network)."""
+    from neox_progressive.family import generate_configs
+    from neox_progressive.train import read_settings, train_stage
+
+    fam = write_family(tmp_path / "family.yml", data, tmp_path / "out", **FAST,
+                       wandb={"enabled": True, "project": "proj", "group": "tiny-family-7"})
+    family = load_family(fam)
+    stages = [p for p in generate_configs(family, tmp_path / "cfg", "progressive", plot=False) if p.name.startswith("stage_")]
+    settings = [read_settings([p]).wandb for p in stages]
+    assert [w["group"] for w in settings] == ["tiny-family-7"] * 3
+    assert len({w["name"] for w in settings}) == 3
+    seen = {}
+
+    class FakeRun:
+        def log(self, *a, **k):
+            pass
+
+        def finish(self):
+            pass
+
+    import wandb
+
+    def fake_init(**kw):
+        seen.update(kw)
+        return FakeRun()
+
+    monkeypatch.setattr(wandb, "init", fake_init)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = yaml.safe_load(stages[0].read_text())
+    cfg.update(train_iters=2, eval_interval=0, train_data_paths=[data["train"]])
+    (tmp_path / "one.yml").write_text(yaml.safe_dump(cfg))
+    train_stage([tmp_path / "one.yml"], device="cpu", quiet=True)
+    assert seen["group"] == "tiny-family-7" and seen["project"] == "proj" and seen["name"] == settings[0]["name"]
