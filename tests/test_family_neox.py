@@ -14,7 +14,8 @@ from neox_progressive.neox_args import validate_files
 
 pytestmark = pytest.mark.neox
 
-FAMILIES = ["paper_2x_chinchilla", "paper_chinchilla", "paper_2x_chinchilla_lr_scaled", "tiny_family"]
+FAMILIES = ["paper_2x_chinchilla", "paper_chinchilla", "paper_2x_chinchilla_lr_scaled", "paper_2x_chinchilla_fixed_data",
+            "tiny_family"]
 
 
 def test_every_generated_stage_loads_in_neox(tmp_path):
