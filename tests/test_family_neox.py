@@ -108,3 +108,25 @@ def test_tiny_family_first_stage_trains_in_neox(tmp_path):
     assert re.findall(r"  total number of samples:\s+(\d+)", log)[0] == str(math.ceil(iters * 8 * 1.005))
     reader = CheckpointReader(tmp_path / "runs" / "progressive" / "s" / "checkpoints", fam.members[0].shape())
     assert reader.iteration == iters
+
+
+def test_neox_args_data_matches_neox_itself():
+    """neox_args.json (parsed from NeoX's source) against NeoX's live NeoXArgs dataclass."""
+    from family_neox import neox_fields
+
+    from neox_progressive.neox_args import known_args
+
+    live, ours = neox_fields(), known_args()
+    assert set(live) == set(ours)
+    compared = 0
+    for name, rec in ours.items():
+        lt, ot = live[name]["type"], rec["type"]
+        if ot["kind"] == "union":
+            mine = ["Literal" if m["kind"] == "literal" else m.get("text", m["kind"]).split("[")[0] for m in ot["members"]]
+            assert mine == [m.replace("typing.", "").split("[")[0] for m in lt["members"]], name
+        else:
+            assert lt == ot, name
+        if "default" in rec:
+            assert live[name]["default"] == rec["default"], name
+            compared += 1
+    assert compared > 300
