@@ -53,3 +53,41 @@ def mock_config(tmp: Path, gpus: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"{{\"global_num_gpus\": {gpus}}}\n")
     return path
+
+
+FIELDS_PROBE = r"""
+import json, sys, typing
+from megatron.neox_arguments import NeoXArgs
+out = {}
+for name, f in NeoXArgs.__dataclass_fields__.items():
+    t = f.type
+    origin = getattr(t, "__origin__", None)
+    if origin is typing.Literal:
+        kind = {"kind": "literal", "choices": list(t.__args__)}
+    elif origin is typing.Union:
+        kind = {"kind": "union", "members": [getattr(a, "__name__", str(a)) for a in t.__args__]}
+    elif t is typing.Any:
+        kind = {"kind": "any"}
+    else:
+        kind = {"kind": getattr(t, "__name__", str(t))}
+    default = f.default
+    try:
+        json.dumps(default)
+    except TypeError:
+        default = repr(default)
+    out[name] = {"type": kind, "default": default}
+open(sys.argv[1], "w").write(json.dumps(out))
+"""
+
+
+def neox_fields(timeout: int = 300) -> dict:
+    """{name: {"type", "default"}} of NeoX's own NeoXArgs dataclass, read in NeoX's environment."""
+    env = dict(os.environ)
+    env.update(PYTHONPATH=str(neox_dir()), WANDB_MODE="disabled")
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "fields.json"
+        proc = subprocess.run([neox_python(), "-c", FIELDS_PROBE, str(result)], cwd=neox_dir(), env=env,
+                              capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0 or not result.is_file():
+            raise RuntimeError(f"NeoX fields probe failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        return json.loads(result.read_text())

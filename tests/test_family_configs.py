@@ -23,7 +23,8 @@ COMMITTED = sorted(p for p in CONFIGS.glob("*.yml") if (CONFIGS / p.stem).is_dir
 
 
 def test_paper_family_stage_files_committed():
-    assert {p.stem for p in COMMITTED} >= {"paper_2x_chinchilla", "paper_chinchilla", "paper_2x_chinchilla_lr_scaled"}
+    assert {p.stem for p in COMMITTED} >= {"paper_2x_chinchilla", "paper_chinchilla", "paper_2x_chinchilla_lr_scaled",
+                                           "paper_2x_chinchilla_fixed_data"}
     assert sorted(p.name for p in (CONFIGS / "paper_2x_chinchilla").glob("stage_*.yml")) == [
         "stage_1B.yml", "stage_2B.yml", "stage_4B.yml", "stage_8B.yml"]
 

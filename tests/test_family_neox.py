@@ -14,7 +14,8 @@ from neox_progressive.neox_args import validate_files
 
 pytestmark = pytest.mark.neox
 
-FAMILIES = ["paper_2x_chinchilla", "paper_chinchilla", "paper_2x_chinchilla_lr_scaled", "tiny_family"]
+FAMILIES = ["paper_2x_chinchilla", "paper_chinchilla", "paper_2x_chinchilla_lr_scaled", "paper_2x_chinchilla_fixed_data",
+            "tiny_family"]
 
 
 def test_every_generated_stage_loads_in_neox(tmp_path):
@@ -107,3 +108,64 @@ def test_tiny_family_first_stage_trains_in_neox(tmp_path):
     assert re.findall(r"  total number of samples:\s+(\d+)", log)[0] == str(math.ceil(iters * 8 * 1.005))
     reader = CheckpointReader(tmp_path / "runs" / "progressive" / "s" / "checkpoints", fam.members[0].shape())
     assert reader.iteration == iters
+
+
+def test_neox_args_data_matches_neox_itself():
+    """neox_args.json (parsed from NeoX's source) against NeoX's live NeoXArgs dataclass."""
+    from family_neox import neox_fields
+
+    from neox_progressive.neox_args import known_args
+
+    live, ours = neox_fields(), known_args()
+    assert set(live) == set(ours)
+    compared = 0
+    for name, rec in ours.items():
+        lt, ot = live[name]["type"], rec["type"]
+        if ot["kind"] == "union":
+            mine = ["Literal" if m["kind"] == "literal" else m.get("text", m["kind"]).split("[")[0] for m in ot["members"]]
+            assert mine == [m.replace("typing.", "").split("[")[0] for m in lt["members"]], name
+        else:
+            assert lt == ot, name
+        if "default" in rec:
+            assert live[name]["default"] == rec["default"], name
+            compared += 1
+    assert compared > 300
+
+
+@pytest.mark.slow
+def test_second_stage_finetunes_from_its_expanded_dir_in_neox(tmp_path):
+    """Stage k > 1 as generated (load = <member>/expanded, finetune: true) loads that checkpoint in real NeoX, trains
+    from its weights (marked: final norm 3.0, where NeoX's own init would be 1.0) and saves to its checkpoints dir."""
+    import re
+
+    from neox_run import CPU_KEYS, run_neox
+    from train_util import make_data
+
+    from neox_progressive.data import cut_member_windows
+    from neox_progressive.family import member_dirs
+    from neox_progressive.io.reader import CheckpointReader
+    from neox_progressive.io.writer import write_checkpoint
+    from neox_progressive.model import Transformer, init_weights
+
+    data = make_data(tmp_path / "data", n_chars=80_000, vocab=512)
+    cpu = {k: v for k, v in CPU_KEYS.items() if k not in ("precision", "use_wandb")}
+    fam = load_family(CONFIGS / "tiny_family.yml", {
+        "output_dir": str(tmp_path / "runs"), "data": {"train": data["train"], "valid": data["valid"]},
+        "shared": {"vocab_file": data["tokenizer"], **cpu}, "budget": {"tokens_per_param": 0.2},
+        "training": {"lr": {"warmup": 0.1}, "eval_interval": 1000}})
+    generate_configs(fam, tmp_path / "cfg", plot=False)
+    row = plan_family(fam).rows[1]
+    cut_member_windows(fam.data.train, [row.__dict__])
+    shape = fam.members[1].shape()
+    start = {k: v.detach().clone() for k, v in init_weights(Transformer(shape), seed=3).state_dict().items()}
+    start["final_norm.weight"].fill_(3.0)  # the expansion step's stand-in, marked
+    write_checkpoint(member_dirs(fam, "progressive", "m").expanded, shape, start)
+    log = run_neox("train.py", tmp_path / "cfg" / "stage_m.yml", log=tmp_path / "neox.log", timeout=900)
+    assert "Unable to load checkpoint" not in log and "successfully loaded" in log
+    assert re.search(rf"iteration\s+\d+/\s*{row.train_iters} \|", log)
+    saved = member_dirs(fam, "progressive", "m").checkpoints
+    assert (saved / "latest").read_text().strip() == f"global_step{row.train_iters}"
+    trained = CheckpointReader(saved, shape).state_dict()
+    norm = trained["final_norm.weight"].float()
+    assert (norm - 3.0).abs().max() < 0.6  # trained from our weights (NeoX's init: 1.0)...
+    assert float((trained["embed.weight"].float() - start["embed.weight"]).abs().max()) > 0  # ...and trained

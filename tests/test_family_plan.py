@@ -80,6 +80,8 @@ def test_realized_tokens_within_one_batch(tmp_path):
             assert r.tokens <= r.realized_tokens < r.tokens + batch_tokens
             assert r.realized_tokens == r.train_iters * batch_tokens
             assert r.global_batch == r.micro_batch * r.gradient_accumulation_steps * r.num_gpus
+        assert plan.total_flops <= plan.realized_flops < plan.total_flops + sum(6 * r.params * r.global_batch * 1024
+                                                                                for r in plan.rows)
 
 
 def test_lr_size_scaled_endpoints_and_line(tmp_path):

@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 from neox_progressive.data.corpus import read_documents, stdlib_corpus
-from neox_progressive.data.mmap_dataset import dataset_exists
 from neox_progressive.data.prepare import output_paths, prepare_data
 from neox_progressive.data.tokenizer import EOD_TOKEN
 from neox_progressive.errors import UserError
@@ -34,15 +33,13 @@ EXAMPLES = """
   neox-progressive prepare-data corpus.jsonl --tokenizer tokenizer.json --out data/corpus
   neox-progressive prepare-data docs/*.txt --vocab-size 8000 --valid-fraction 0.01 --out data/docs
   neox-progressive prepare-data --stdlib-corpus 2000000 --vocab-size 2048 --valid-fraction 0.05 --out data/stdlib
-  neox-progressive prepare-data --family configs/neox/tiny_family.yml      # its data.prepare block, then the windows
-  neox-progressive prepare-data corpus.jsonl --tokenizer tok.json --family family.yml   # --out = the family's data.train
+  neox-progressive prepare-data --family configs/neox/tiny_family.yml --mode both
 """
 
 
 def add_arguments(p) -> None:
     p.add_argument("inputs", nargs="*", help="text or .jsonl files")
-    p.add_argument("--out", metavar="PREFIX", help="output prefix: writes PREFIX.bin and PREFIX.idx (with --family: "
-                   "default the family's data.train)")
+    p.add_argument("--out", metavar="PREFIX", help="output prefix: writes PREFIX.bin and PREFIX.idx (required without --family)")
     p.add_argument("--stdlib-corpus", type=int, metavar="N_CHARS",
                    help="use N_CHARS characters of Python standard-library docstrings as the input")
     p.add_argument("--jsonl-key", default="text", help="the JSONL key holding the text (default: text)")
@@ -54,8 +51,10 @@ def add_arguments(p) -> None:
     p.add_argument("--valid-fraction", type=float, default=0.0, help="share of documents held out for validation")
     p.add_argument("--valid-out", metavar="PREFIX", help="validation dataset prefix (default: PREFIX_valid)")
     p.add_argument("--family", metavar="FAMILY_YML",
-                   help="cut every member's token window of the family's training data (both modes) after preparing it; "
-                        "without inputs, only cut (or prepare from the family file's data.prepare block first)")
+                   help="prepare the family's data (data.train/valid; inputs and options from data.prepare unless given "
+                        "here; skipped if it exists) and cut every member's token window (family_plan.json's data_windows)")
+    p.add_argument("--mode", choices=["progressive", "independent", "both"],
+                   help="with --family: whose windows to cut (default: the family file's mode)")
     p.add_argument("--force", action="store_true", help="replace existing outputs")
     p.add_argument("--dry-run", action="store_true", help="print what would be written, write nothing")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -81,44 +80,15 @@ def _documents(args):
     return gen, list(args.inputs)
 
 
-def family_defaults(args):
-    """With --family: the family, and the prepare arguments its file gives where the command line gives none."""
-    from neox_progressive.family import load_family
-
-    family = load_family(args.family)
-    if args.out and Path(args.out).resolve() != Path(family.data.train).resolve():
-        raise UserError(f"--out {args.out} is not the family's training data {family.data.train}; omit --out with --family")
-    args.out = str(family.data.train)
-    prep = dict(family.data.prepare or {})
-    if not args.inputs and args.stdlib_corpus is None and not dataset_exists(args.out):
-        if "stdlib_corpus" not in prep:
-            raise UserError(f"{family.data.train}.bin/.idx does not exist and the family file has no data.prepare "
-                            "block: pass input files (or --stdlib-corpus N) to prepare it")
-        args.stdlib_corpus = int(prep["stdlib_corpus"])
-        args.vocab_size = int(prep.get("vocab_size", args.vocab_size))
-        args.valid_fraction = float(prep.get("valid_fraction", args.valid_fraction))
-    if args.valid_fraction > 0 and not args.valid_out:
-        args.valid_out = str(family.data.valid)
-    return family
-
-
-def cut_family_windows(family, force: bool) -> None:
-    from neox_progressive.data import cut_member_windows
-    from neox_progressive.family import MODES, plan_family
-
-    for mode in MODES:
-        rows = [r.__dict__ for r in plan_family(family, mode).rows]
-        for name, ds in cut_member_windows(family.data.train, rows, force=force).items():
-            print(f"{mode} {name}: {ds.prefix} ({len(ds)} items)")
-
-
 def run(args) -> int:
-    family = family_defaults(args) if args.family else None
+    if args.family:
+        return _run_family(args)
     if not args.out:
-        raise UserError("--out PREFIX is required (or --family FAMILY.yml, whose data.train is the output)")
-    if family is not None and not args.inputs and args.stdlib_corpus is None:
-        cut_family_windows(family, args.force)
-        return 0
+        raise UserError("--out PREFIX is required (or --family FAMILY_YML, whose data block names the outputs)")
+    return _prepare(args)
+
+
+def _prepare(args) -> int:
     documents, inputs = _documents(args)
     if args.tokenizer and not Path(args.tokenizer).is_file():
         raise UserError(f"--tokenizer {args.tokenizer!r} does not exist")
@@ -145,6 +115,46 @@ def run(args) -> int:
     print("NeoX config keys:", file=out)
     for key, value in result.neox_keys().items():
         print(f"  {key}: {json.dumps(value)}", file=out)
-    if family is not None:
-        cut_family_windows(family, args.force)
+    return 0
+
+
+def _run_family(args) -> int:
+    """Prepare the family's training/validation data if missing, then cut the members' windows."""
+    from neox_progressive.data import cut_member_windows, dataset_exists
+    from neox_progressive.family import load_family, plan_family
+
+    if args.out or args.valid_out:
+        raise UserError("--out/--valid-out cannot be used with --family: the family file's data.train and data.valid "
+                        "name the datasets")
+    family = load_family(args.family)
+    src = family.data.prepare
+    args.out, args.valid_out = family.data.train, family.data.valid
+    if not (dataset_exists(args.out) and dataset_exists(args.valid_out)) or args.force:
+        if not args.inputs and args.stdlib_corpus is None:
+            args.inputs, args.stdlib_corpus = src.get("inputs", []), src.get("stdlib_corpus")
+        if not args.inputs and args.stdlib_corpus is None:
+            raise UserError(f"{args.family}: {args.out}.bin/.idx does not exist and data.prepare names no source; add "
+                            "data.prepare.inputs (files) or data.prepare.stdlib_corpus, or pass input files here")
+        defaults = {"jsonl_key": "text", "tokenizer": None, "spm_model_type": "bpe", "eod_token": EOD_TOKEN,
+                    "no_eod": False, "valid_fraction": 0.0}
+        for key, default in defaults.items():
+            if getattr(args, key) == default and key in src:
+                setattr(args, key, src[key])
+        if args.vocab_size == 8000:  # the parser default: the family's own vocabulary
+            args.vocab_size = src.get("vocab_size", family.model.vocab_size)
+        if not args.valid_fraction:
+            raise UserError(f"{args.family}: the family's validation data {args.valid_out} is prepared from the same "
+                            "source: set data.prepare.valid_fraction (e.g. 0.05) or --valid-fraction")
+        _prepare(args)
+    elif not args.quiet:
+        print(f"using the existing {args.out}.bin/.idx and {args.valid_out}.bin/.idx")
+    mode = args.mode or family.mode
+    for m in (["progressive", "independent"] if mode == "both" else [mode]):
+        rows = [r.__dict__ for r in plan_family(family, m).rows]
+        if args.dry_run:
+            for r in rows:
+                print(f"would cut {r['train_data_path']}: windows {r['data_windows']} ({m})")
+            continue
+        for name, ds in cut_member_windows(args.out, rows, force=args.force).items():
+            print(f"{m} {name}: {ds.prefix}.bin/.idx, {ds.num_tokens} tokens")
     return 0

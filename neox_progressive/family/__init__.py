@@ -27,7 +27,8 @@ from neox_progressive.family.budget import (
     scratch_budgets,
     token_budgets,
 )
-from neox_progressive.family.spec import MODES, Family, Member, load_family
+from neox_progressive.family.family_file import load_family
+from neox_progressive.family.spec import MODES, Family, Member
 from neox_progressive.family.stages import dump_stage, generate_configs, stage_config
 
 __all__ = [

@@ -132,6 +132,8 @@ class Plan:
     largest_scratch_flops: float = 0.0
     saving: float = 0.0
     """1 - total_flops / independent_flops."""
+    realized_flops: float = 0.0
+    """6 N x realized tokens summed: what the stages train (whole global batches, >= the budget)."""
     stream_tokens: int = 0
     """Tokens of the training stream the windows reach (data to prepare)."""
 
@@ -215,6 +217,7 @@ def plan_family(family: Family, mode: str | None = None) -> Plan:
             stream = max(stream, window)
     params = [member_params(family, m) for m in family.members]
     plan.total_flops = cumulative
+    plan.realized_flops = sum(r.realized_flops for r in plan.rows)
     plan.independent_flops = sum(6 * n * float(s) for n, s in zip(params, scratch))
     plan.largest_scratch_flops = 6 * params[-1] * float(scratch[-1])
     plan.saving = 1 - plan.total_flops / plan.independent_flops

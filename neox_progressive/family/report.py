@@ -26,6 +26,7 @@ def plan_json(family: Family, plan: Plan) -> dict:
            "valid_data": family.data.valid, "stream_tokens": plan.stream_tokens,
            "total_flops": plan.total_flops, "independent_flops": plan.independent_flops,
            "largest_scratch_flops": plan.largest_scratch_flops, "saving": plan.saving,
+           "realized_flops": plan.realized_flops,
            "expansion": family.expansion, "eval": family.eval, "members": []}
     for row in plan.rows:
         dirs = member_dirs(family, plan.mode, row.name)
@@ -55,6 +56,8 @@ def plan_summary(plan: Plan) -> list[str]:
             f"{plan.independent_flops:.4g}; the largest member from scratch: {plan.largest_scratch_flops:.4g}.",
             f"saving vs independent: {plan.saving:.1%} (1 - {plan.total_flops / plan.largest_scratch_flops:.4g} x largest / "
             f"{plan.independent_flops / plan.largest_scratch_flops:.4g} x largest).",
+            f"realized in whole global batches: {plan.realized_flops:.4g} FLOPs "
+            f"({plan.realized_flops / plan.total_flops - 1:+.3%} over the budget).",
             f"training data stream to prepare: {plan.stream_tokens:,} tokens"
             + (f" (fixed data: capped at {plan.fixed_data_cap:,}, later windows wrap)" if plan.fixed_data_cap else "") + "."]
 

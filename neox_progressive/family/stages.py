@@ -129,7 +129,7 @@ def _header(family: Family, plan: Plan, row: PlanRow) -> str:
             f"# `neox-progressive generate-configs {family.path.name}`; edit the family file, not this one.\n"
             f"# {row.tokens:,} budget tokens -> {row.train_iters} iterations x {row.global_batch} x {plan.seq_length} = "
             f"{row.realized_tokens:,} tokens; max LR {row.max_lr:.4g}.\n"
-            f"# Run: python deepy.py train.py stage_{row.name}.yml  (on {row.num_gpus} GPUs)\n")
+            f"# Run: python deepy.py train.py stage_{row.name}.yml  (on {row.num_gpus} GPU{'s' if row.num_gpus > 1 else ''})\n")
 
 
 def dump_stage(family: Family, plan: Plan, member_name: str) -> str:
