@@ -57,9 +57,11 @@ def test_exact_applier_apply_check_revert_offset_and_conflict(tmp_path):
 
 def test_shipped_patches_parse_and_name_the_neox_commit():
     patches = np_.load_patches()
-    assert [p.title for p in patches] == ["0001-eval-tasks-limit", "0002-eval-adapter-eot", "0003-eval-hook"]
+    assert [p.title for p in patches] == ["0001-eval-tasks-limit", "0002-eval-adapter-eot", "0003-eval-hook",
+                                          "0004-wandb-group-exact"]
     touched = {f.path for p in patches for f in p.files}
-    assert touched == {"eval_tasks/eval_adapter.py", "megatron/neox_arguments/neox_args.py", "megatron/training.py"}
+    assert touched == {"eval_tasks/eval_adapter.py", "megatron/neox_arguments/neox_args.py", "megatron/training.py",
+                       "megatron/neox_arguments/arguments.py"}
     readme = (np_.patches_dir() / "README.md").read_text()
     assert np_.NEOX_COMMIT in readme and all(p.title in readme for p in patches)
 
@@ -95,7 +97,8 @@ def test_patches_apply_check_and_revert_cleanly(neox_copy, capsys):
     assert snapshot(neox_copy) == before
     assert main(["neox-patch", "--neox-dir", str(neox_copy)]) == 0
     changed = {k for k, v in snapshot(neox_copy).items() if before.get(k) != v}
-    assert changed == {"eval_tasks/eval_adapter.py", "megatron/neox_arguments/neox_args.py", "megatron/training.py"}
+    assert changed == {"eval_tasks/eval_adapter.py", "megatron/neox_arguments/neox_args.py", "megatron/training.py",
+                       "megatron/neox_arguments/arguments.py"}
     assert main(["neox-patch", "--neox-dir", str(neox_copy), "--check"]) == 0
     assert main(["neox-patch", "--neox-dir", str(neox_copy)]) == 0  # again: nothing to do
     assert "nothing to apply" in capsys.readouterr().out
@@ -112,7 +115,7 @@ def test_patches_with_git_apply_in_a_git_checkout(neox_copy):
     assert np_.is_git_checkout(neox_copy)
     assert main(["neox-patch", "--neox-dir", str(neox_copy)]) == 0
     diff = subprocess.run(["git", "diff", "--stat"], cwd=neox_copy, capture_output=True, text=True).stdout
-    assert "3 files changed" in diff
+    assert "4 files changed" in diff
     assert main(["neox-patch", "--neox-dir", str(neox_copy), "--check"]) == 0
     assert main(["neox-patch", "--neox-dir", str(neox_copy), "--revert"]) == 0
     assert subprocess.run(["git", "diff", "--quiet"], cwd=neox_copy).returncode == 0
@@ -229,3 +232,37 @@ def dense_kl(p_model, q_model, x, vocab):
         lp = torch.log_softmax(p_model(x[:, :-1])[..., :vocab].double(), -1)
         lq = torch.log_softmax(q_model(x[:, :-1])[..., :vocab].double(), -1)
     return (lp.exp() * (lp - lq)).sum(-1).mean(-1).mean().item()
+
+
+@neox
+def test_wandb_group_exact_keeps_the_configured_group(neox_copy, tmp_path):
+    """deepy's argument parsing in NeoX's python: the group gets NeoX's random suffix unless
+    wandb_group_exact (patch 0004) is set; the family's neox_exact_group writes that key."""
+    from neox_run import neox_python, shim_dir
+
+    assert main(["neox-patch", "--neox-dir", str(neox_copy)]) == 0
+    base = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 32, "max_position_embeddings": 32,
+            "global_num_gpus": 1, "optimizer": {"type": "Adam", "params": {"lr": 0.001}},
+            "train_micro_batch_size_per_gpu": 1, "use_wandb": True, "wandb_group": "tiny-progressive"}
+    for name, extra in (("plain", {}), ("exact", {"wandb_group_exact": True})):
+        (tmp_path / f"{name}.yml").write_text(yaml.safe_dump({**base, **extra}))
+    script = tmp_path / "probe.py"
+    script.write_text(f'''
+import json, sys, types
+ids = iter(["r1", "r2", "r3", "r4"])
+wandb = types.ModuleType("wandb")  # NeoX's env needs no real wandb for the naming logic
+wandb.util = types.SimpleNamespace(generate_id=lambda: next(ids))
+wandb.sdk = types.SimpleNamespace(lib=types.SimpleNamespace(runid=types.SimpleNamespace(generate_id=lambda: next(ids))))
+sys.modules["wandb"] = wandb
+from megatron.neox_arguments import NeoXArgs
+out = {{}}
+for name in ("plain", "exact"):
+    a = NeoXArgs.consume_deepy_args(input_args=["train.py", {str(tmp_path)!r} + f"/{{name}}.yml"])
+    out[name] = a.wandb_group
+print("RESULT" + json.dumps(out))
+''')
+    env = {"PYTHONPATH": f"{shim_dir()}:{neox_copy}", "NEOX_CPU_SHIM": "1", "DS_ACCELERATOR": "cpu", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([neox_python(), str(script)], cwd=neox_copy, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))[6:])
+    assert out == {"plain": "tiny-progressive_r1_r2", "exact": "tiny-progressive"}

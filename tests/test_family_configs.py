@@ -171,3 +171,22 @@ def test_tiny_family_stage_files(tmp_path):
             assert validate_files([p], num_gpus=1) == []
             cfg = _stage(p)
             assert cfg["precision"] == "fp32" and "data_types" not in cfg
+
+
+def test_neox_exact_group_writes_the_patch_key(tmp_path):
+    """wandb.neox_exact_group adds `wandb_group_exact: true` (patch 0004) to every stage; the validator knows the
+    patches' keys; without the option the key is absent (an unpatched NeoX would refuse it)."""
+    import yaml as _yaml
+
+    from neox_progressive.family import generate_configs, load_family
+    from neox_progressive.neox_args import validate_files
+
+    fam_path = CONFIGS / "tiny_family.yml"
+    for exact in (False, True):
+        fam = load_family(fam_path, {"wandb": {"enabled": True, "group": "g", "neox_exact_group": exact}})
+        out = tmp_path / str(exact)
+        stages = [p for p in generate_configs(fam, out, plot=False) if p.name.startswith("stage_")]
+        for p in stages:
+            cfg = _yaml.safe_load(p.read_text())
+            assert cfg["wandb_group"] == "g" and cfg.get("wandb_group_exact", False) is exact
+            assert validate_files([p], num_gpus=1) == []

@@ -1,6 +1,6 @@
 """Apply, check or revert the plugin's patches to a GPT-NeoX checkout.
 
-Three small patches, written against GPT-NeoX commit ea7aefd8 (patches/README.md explains each):
+Four small patches, written against GPT-NeoX commit ea7aefd8 (patches/README.md explains each):
 
   0001-eval-tasks-limit   `eval_tasks_limit` (default 10, null = every document) instead of the
                           hardcoded limit=10 of the eval harness
@@ -9,6 +9,8 @@ Three small patches, written against GPT-NeoX commit ea7aefd8 (patches/README.md
   0003-eval-hook          `eval_hook: "module:function"` + `eval_hook_args: {...}`: a plugin function
                           called at every evaluation during training; its metrics are logged with
                           the validation results (the plugin's hook logs the KL to the previous member)
+  0004-wandb-group-exact  `wandb_group_exact: true` keeps `wandb_group` as configured (NeoX appends a
+                          random id at every launch, splitting a family's stages into groups)
 
 A git checkout is patched with `git apply`, any other tree with an exact applier (no fuzz). A
 tree where a patch fits neither applied nor unapplied is refused, naming the file and hunk.

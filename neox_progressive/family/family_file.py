@@ -266,7 +266,8 @@ def load_family(path: str | Path, overrides: Mapping | None = None) -> Family:
     shared = {k.replace("-", "_"): (_path(v, base) if k in PATH_KEYS and isinstance(v, str) else v) for k, v in shared.items()}
     wb = top.section("wandb")
     wandb = WandbSpec(enabled=wb.get("enabled", bool, False), project=wb.get("project", str, None),
-                      group=wb.get("group", str, None), team=wb.get("team", str, None), host=wb.get("host", str, None))
+                      group=wb.get("group", str, None), team=wb.get("team", str, None), host=wb.get("host", str, None),
+                      neox_exact_group=wb.get("neox_exact_group", bool, False))
     wb.done()
     family = Family(
         name=str(top.get("name", str, example="my_family")), path=path,

@@ -154,6 +154,9 @@ class WandbSpec:
     group: str | None = None
     team: str | None = None
     host: str | None = None
+    neox_exact_group: bool = False
+    """Write `wandb_group_exact: true`, so that NeoX patched with patches/0004-wandb-group-exact keeps the group
+    name as configured (upstream NeoX appends a random suffix per launch, splitting a family into groups)."""
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,8 @@ def _wandb(family: Family, mode: str, member: Member) -> dict[str, Any]:
         out.update({"wandb_project": w.project or family.name, "wandb_group": w.group or f"{family.name}-{mode}",
                     "wandb_run_name": f"{family.name}-{mode}-{member.name}"})
         out.update({k: v for k, v in (("wandb_team", w.team), ("wandb_host", w.host)) if v})
+        if w.neox_exact_group:
+            out["wandb_group_exact"] = True  # a key of patches/0004-wandb-group-exact
     return out
 
 

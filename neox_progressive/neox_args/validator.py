@@ -43,8 +43,19 @@ def source_commit() -> str:
     return _data()["source"]["commit"]
 
 
+# Keys that the plugin's patches to NeoX add (patches/README.md): valid only in a patched NeoX, which
+# `neox-progressive neox-patch --check` confirms; an unpatched NeoX refuses them (loudly, at start-up).
+PATCH_ARGS = {
+    "eval_tasks_limit": {"class": "patch 0001-eval-tasks-limit", "type": {"kind": "int"}, "default": 10},
+    "eval_hook": {"class": "patch 0003-eval-hook", "type": {"kind": "str"}, "default": None},
+    "eval_hook_args": {"class": "patch 0003-eval-hook", "type": {"kind": "dict"}, "default": None},
+    "wandb_group_exact": {"class": "patch 0004-wandb-group-exact", "type": {"kind": "bool"}, "default": False},
+}
+
+
 def arg_spec(name: str) -> dict | None:
-    return known_args().get(name)
+    """NeoX's definition of `name` (or the plugin's patches' for the keys they add); None if unknown."""
+    return known_args().get(name) or PATCH_ARGS.get(name)
 
 
 def _did_you_mean(name: str) -> str:
