@@ -190,3 +190,22 @@ def test_neox_exact_group_writes_the_patch_key(tmp_path):
             cfg = _yaml.safe_load(p.read_text())
             assert cfg["wandb_group"] == "g" and cfg.get("wandb_group_exact", False) is exact
             assert validate_files([p], num_gpus=1) == []
+
+
+def test_neox_kl_hook_points_each_later_stage_at_the_previous_member(tmp_path):
+    """eval.neox_kl_hook: stage k > 1 calls the KL hook (patch 0003) with member k-1's save dir and stage YAML."""
+    import yaml as _yaml
+
+    from neox_progressive.family import generate_configs, load_family, member_dirs
+
+    fam = load_family(CONFIGS / "tiny_family.yml", {"eval": {"neox_kl_hook": True}, "output_dir": str(tmp_path / "runs")})
+    generate_configs(fam, tmp_path / "cfg", "progressive", plot=False)
+    first = _yaml.safe_load((tmp_path / "cfg" / "stage_s.yml").read_text())
+    assert "eval_hook" not in first
+    for prev, name in (("s", "m"), ("m", "l")):
+        cfg = _yaml.safe_load((tmp_path / "cfg" / f"stage_{name}.yml").read_text())
+        assert cfg["eval_hook"] == "neox_progressive.eval.neox_hook:kl_to_previous"
+        args = cfg["eval_hook_args"]
+        assert args["previous_checkpoint"] == str(member_dirs(fam, "progressive", prev).checkpoints)
+        assert args["previous_config"] == [str((tmp_path / "cfg" / f"stage_{prev}.yml").resolve())]
+        assert args["data_path"] == str(fam.data.valid)

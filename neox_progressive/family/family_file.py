@@ -217,6 +217,7 @@ def _eval(s: Section) -> dict:
             s.raw(f.name)
     s.get("enabled", bool, True)  # the runner's: evaluate after training
     s.get("example_tasks", bool, False)  # the runner's: add the built-in example lm-eval tasks
+    s.get("neox_kl_hook", bool, False)  # stages k > 1 log their KL to member k-1 in NeoX (patch 0003)
     s.done()
     return dict(s.data)
 

@@ -96,8 +96,12 @@ def _wandb(family: Family, mode: str, member: Member) -> dict[str, Any]:
     return out
 
 
-def stage_config(family: Family, plan: Plan, member_name: str) -> dict[str, Any]:
-    """The complete NeoX config of one stage (a dict, in the order it is written)."""
+def stage_config(family: Family, plan: Plan, member_name: str, stage_dir: Path | None = None) -> dict[str, Any]:
+    """The complete NeoX config of one stage (a dict, in the order it is written).
+
+    `stage_dir`: where the stage files are written; with the family's `eval.neox_kl_hook`, member k > 1
+    gets the eval hook (patches/0003) that logs its KL to member k-1 (`stage_<k-1>.yml` in that dir).
+    """
     member = family.member(member_name)
     row, t, mode = plan.row(member.name), family.training, plan.mode
     dirs = member_dirs(family, mode, member.name)
@@ -118,12 +122,21 @@ def stage_config(family: Family, plan: Plan, member_name: str) -> dict[str, Any]
         cfg.update({"load": str(dirs.expanded), "finetune": True})
     cfg.update({"eval_interval": t.eval_interval, "eval_iters": t.eval_iters, "log_interval": t.log_interval})
     cfg.update(_wandb(family, mode, member))
+    if family.eval.get("neox_kl_hook") and index > 0 and stage_dir is not None:
+        cfg.update(_kl_hook(family, mode, family.members[index - 1].name, dirs.root, Path(stage_dir)))
     cfg.update(family.shared)
     problems = validate_config(cfg, num_gpus=row.num_gpus)
     if problems:
         raise UserError(f"{family.path}: the stage config of {member.name} would not run: {problems[0]}"
                         + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
     return cfg
+
+
+def _kl_hook(family: Family, mode: str, previous: str, root: Path, stage_dir: Path) -> dict[str, Any]:
+    from neox_progressive.eval.neox_hook import hook_config
+
+    return hook_config(member_dirs(family, mode, previous).checkpoints, [stage_dir / f"stage_{previous}.yml"],
+                       data_path=str(family.data.valid), log_file=root / "kl_to_previous.jsonl")
 
 
 def _header(family: Family, plan: Plan, row: PlanRow) -> str:
@@ -134,9 +147,9 @@ def _header(family: Family, plan: Plan, row: PlanRow) -> str:
             f"# Run: python deepy.py train.py stage_{row.name}.yml  (on {row.num_gpus} GPU{'s' if row.num_gpus > 1 else ''})\n")
 
 
-def dump_stage(family: Family, plan: Plan, member_name: str) -> str:
+def dump_stage(family: Family, plan: Plan, member_name: str, stage_dir: Path | None = None) -> str:
     """The text of `stage_<name>.yml` (typed values through yaml.safe_dump; floats read back as floats)."""
-    cfg = stage_config(family, plan, member_name)
+    cfg = stage_config(family, plan, member_name, stage_dir)
     return _header(family, plan, plan.row(member_name)) + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None, width=120)
 
 
@@ -161,7 +174,7 @@ def generate_configs(family: Family, out_dir: str | Path, mode: str | None = Non
     mode = mode or family.mode
     plan = plan_family(family, mode)
     out_dir = Path(out_dir)
-    files = {out_dir / f"stage_{m.name}.yml": dump_stage(family, plan, m.name) for m in family.members}
+    files = {out_dir / f"stage_{m.name}.yml": dump_stage(family, plan, m.name, out_dir.resolve()) for m in family.members}
     independent = plan if mode == "independent" else plan_family(family, "independent")
     files[out_dir / "family_plan.json"] = json.dumps(plan_json(family, plan), indent=1) + "\n"
     files[out_dir / "family_plan.md"] = plan_markdown(family, plan, independent)

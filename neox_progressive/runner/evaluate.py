@@ -18,7 +18,7 @@ from neox_progressive.errors import UserError
 from neox_progressive.runner.state import RunState, digest
 
 # family-file eval keys that are the runner's, not EvalSettings'
-RUNNER_KEYS = ("enabled", "example_tasks")
+RUNNER_KEYS = ("enabled", "example_tasks", "neox_kl_hook")
 
 
 def eval_settings(family, quiet: bool, device: str | None):
