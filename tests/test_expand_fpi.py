@@ -109,3 +109,14 @@ def test_fold_back_invariants(tmp_path):
     torch.testing.assert_close(d_fold, sd["layers.1.mlp.down.weight"])
     torch.testing.assert_close(dsd["layers.1.mlp.gate.weight"][:, first] * torch.from_numpy(c.astype(np.float32)),
                                sd["layers.1.mlp.gate.weight"][torch.from_numpy(gf)])
+
+
+def test_vocab_repadded_for_the_target_tp(tmp_path):
+    """96 rows pad to 128 at TP 2 (make_vocab_size_divisible_by 32): the new rows are zero, the old logits exact."""
+    src = shape(padded_vocab_size=96)
+    dst = wider(src, 6, ffn=64, tp=2)
+    _, rec, sd, dshape, dsd = run_expand(tmp_path, src, dst, method="fpi")
+    assert dshape.padded_vocab_size == 128 == rec["target"]["padded_vocab_size"]
+    assert not dsd["embed.weight"][96:].any() and not dsd["head.weight"][96:].any()
+    x = tokens(src)
+    assert rel_err(logits(dshape, dsd, x)[..., :96], logits(src, sd, x)) <= TOL

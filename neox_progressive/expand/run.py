@@ -52,7 +52,8 @@ def plan_for(src, src_configs, dst_configs, options: ExpandOptions = DEFAULT_OPT
     if src is not None and Path(src).exists():
         reader = CheckpointReader(src, src_shape)
         src_shape = reader.shape
-        dtype = str(reader.embed().dtype).replace("torch.", "")
+        raw = reader.file_state(arch.embed_index())[0][arch.EMBED_KEY]  # memory-mapped: only the header is read
+        dtype = str(raw.dtype).replace("torch.", "")
     return plan_expansion(src_shape, dst_shape, options, stage, dtype=dtype), reader
 
 
