@@ -172,3 +172,12 @@ def test_kill_mid_write_leaves_no_checkpoint(tmp_path):
     assert subprocess.run(cmd, env=env).returncode == 0
     assert (tmp_path / "big" / "latest").read_text() == "global_step0" and (tmp_path / "big" / "expansion.json").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".big")]
+
+
+def test_help_and_thin_script(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "expand_neox_ckpt.py"), "--help"], capture_output=True,
+                         text=True, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=""))
+    assert out.returncode == 0
+    for text in ("--method", "--depth-rule", "--new-layer-init", "--rms-comp", "--map-sampling", "--gqa-layout",
+                 "--aki-second", "--aki-hidden", "--dry-run", "bert2BERT Algorithm 1", "none for aki, exact for fpi"):
+        assert text in " ".join(out.stdout.split()), text

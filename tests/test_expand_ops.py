@@ -18,3 +18,76 @@ def test_half_division_equals_fp32_math_cast_once(dtype):
     big = counts.clone()
     big[0] = 1000.0  # not exact in bf16: takes the fp32 route
     assert divide(x.clone(), big, torch.float32).dtype == torch.float32
+
+
+def _units(seed=0):
+    import numpy as np
+
+    from neox_progressive.expand.maps import head_maps, unit_map
+    from neox_progressive.expand.ops import LayerUnits, Unit
+
+    kw = dict(sampling="uniform", seed=seed, stage="", layer=0)
+    gh = unit_map(16, 24, kind="hidden", **kw)
+    gH, gKV = head_maps(4, 2, 6, 3, "g_fixed", **kw)
+    gf = unit_map(20, 30, kind="ffn", **kw)
+    c = np.bincount(gh, minlength=16)
+    alpha = torch.from_numpy(np.sqrt((24 / 16) / c[gh]))
+    return LayerUnits(Unit.of(gh, 16), Unit.of(gH, 4), Unit.of(gKV, 2), Unit.of(gf, 20), alpha, 4)
+
+
+def _layer(seed):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"attn_norm.weight": (16,), "attn.q.weight": (16, 16), "attn.k.weight": (8, 16), "attn.v.weight": (8, 16),
+              "attn.o.weight": (16, 16), "mlp_norm.weight": (16,), "mlp.gate.weight": (20, 16), "mlp.up.weight": (20, 16),
+              "mlp.down.weight": (16, 20)}
+    return {k: torch.randn(*s, generator=g, dtype=torch.float64) for k, s in shapes.items()}
+
+
+@pytest.mark.parametrize("aki,second,hidden", [(False, "current", "copy"), (True, "current", "copy"),
+                                               (True, "upper", "copy"), (True, "current", "upper")])
+def test_gather_implementation_equals_the_literal_operators(aki, second, hidden):
+    """`widen_layer` (index gathers) against the spec's operators composed literally (EXPANSION_SPEC sections 3, 5)."""
+    from neox_progressive.expand.ops import (
+        cols_f,
+        cols_heads,
+        in_h,
+        norm_h,
+        out_h,
+        pick_cols,
+        pick_rows,
+        rows_f,
+        rows_heads,
+        widen_layer,
+    )
+
+    u = _units()
+    cur, up = _layer(1), _layer(2)
+    got = widen_layer(cur, up if aki else None, u, aki_second=second, aki_hidden=hidden)
+    h, a, d = u.hidden, u.alpha, 4
+
+    def first(key, rows_fn, unit):
+        value = in_h(rows_fn(cur[key]), h)
+        return pick_rows(value, in_h(rows_fn(up[key]), h), unit.new, d if unit is not u.ffn else 1) if aki else value
+
+    def second_(key, cols_fn, unit, block):
+        value = cols_fn(cur[key])
+        if aki and second == "upper":
+            value = pick_cols(value, cols_fn(up[key]), unit.new, block)
+        value = out_h(value, h, a)
+        if aki and hidden == "upper":
+            value = pick_rows(value, out_h(cols_fn(up[key]), h, a), h.new)
+        return value
+
+    want = {
+        "attn_norm.weight": norm_h(cur["attn_norm.weight"], h, a), "mlp_norm.weight": norm_h(cur["mlp_norm.weight"], h, a),
+        "attn.q.weight": first("attn.q.weight", lambda w: rows_heads(w, u.heads, d), u.heads),
+        "attn.k.weight": first("attn.k.weight", lambda w: rows_heads(w, u.kv_heads, d), u.kv_heads),
+        "attn.v.weight": first("attn.v.weight", lambda w: rows_heads(w, u.kv_heads, d), u.kv_heads),
+        "attn.o.weight": second_("attn.o.weight", lambda w: cols_heads(w, u.heads, d), u.heads, d),
+        "mlp.gate.weight": first("mlp.gate.weight", lambda w: rows_f(w, u.ffn), u.ffn),
+        "mlp.up.weight": first("mlp.up.weight", lambda w: rows_f(w, u.ffn), u.ffn),
+        "mlp.down.weight": second_("mlp.down.weight", lambda w: cols_f(w, u.ffn), u.ffn, 1),
+    }
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-13, atol=1e-14, msg=k)
