@@ -181,3 +181,26 @@ def test_help_and_thin_script(tmp_path):
     for text in ("--method", "--depth-rule", "--new-layer-init", "--rms-comp", "--map-sampling", "--gqa-layout",
                  "--aki-second", "--aki-hidden", "--dry-run", "bert2BERT Algorithm 1", "none for aki, exact for fpi"):
         assert text in " ".join(out.stdout.split()), text
+
+
+def test_manifest_inside_out(tmp_path, capsys):
+    import hashlib
+
+    import numpy as np
+
+    src = shape()
+    src_dir, src_yml, _ = write_source(tmp_path, src)
+    dst_yml = write_yaml(tmp_path / "dst.yml", wider(src, 5, ffn=60, num_layers=3))
+    assert main(["expand", "--src", str(src_dir), "--src-config", str(src_yml), "--dst-config", str(dst_yml),
+                 "--out", str(tmp_path / "o"), "--quiet", "--seed", "4", "--stage", "s2"]) == 0
+    rec = json.loads((tmp_path / "o" / "expansion.json").read_text())
+    files = sorted((src_dir / "global_step0").glob("*.pt"))
+    assert rec["source_sha256"] == {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    assert rec["options"]["seed"] == 4 and rec["stage"] == "s2" and rec["options"]["rms_comp"] == "none"
+    assert rec["source"]["hidden_size"] == 32 and rec["target"]["num_layers"] == 3 and rec["depth_order"] == [0, 1, 1]
+    assert rec["plugin_version"] and "--seed 4" in rec["command_line"]
+    npz = (tmp_path / "o" / rec["maps_file"]).read_bytes()
+    assert hashlib.sha256(npz).hexdigest() == rec["maps_sha256"]
+    with np.load(tmp_path / "o" / rec["maps_file"]) as z:
+        assert z["hidden"].shape == (40,) and z["layer1.ffn"].shape == (60,)
+    assert (tmp_path / "o" / "latest").read_text() == "global_step0"

@@ -17,6 +17,7 @@ import json
 import shlex
 import sys
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +94,9 @@ def expand_checkpoint(src, src_configs, dst_configs, out, options: ExpandOptions
         raise UserError(f"--out {out} is (inside) the source checkpoint {src}; write the expansion elsewhere")
     check_destination(out, force)
     record = _record(plan, reader, src, src_configs, dst_configs)
-    run_plan(plan, reader, out, force=force, quiet=quiet, record=record)
+    with ThreadPoolExecutor(1) as pool:  # hashing the source overlaps the expansion (hashlib releases the GIL)
+        pending = {"source_sha256": pool.submit(reader.sha256)}
+        run_plan(plan, reader, out, force=force, quiet=quiet, record=record, pending=pending)
     return record
 
 
@@ -102,7 +105,7 @@ def _record(plan: ExpansionPlan, reader: CheckpointReader, src, src_configs, dst
            "command_line": shlex.join(sys.argv), "source_checkpoint": str(Path(src).resolve()),
            "source_tag": reader.tag, "source_iteration": reader.iteration,
            "source_configs": [str(p) for p in _paths(src_configs)], "target_configs": [str(p) for p in _paths(dst_configs)],
-           "source_sha256": reader.sha256()}
+           "source_sha256": None}
     rec.update(plan.summary())
     npz = _maps_npz(plan)
     rec["maps_file"] = MAPS_FILE
@@ -111,15 +114,18 @@ def _record(plan: ExpansionPlan, reader: CheckpointReader, src, src_configs, dst
 
 
 def run_plan(plan: ExpansionPlan, reader: CheckpointReader, out: str | Path, *, force: bool = False, quiet: bool = False,
-             record: dict | None = None, configs: Sequence[str | Path] | None = None) -> Path:
-    """Execute a plan against an open reader; writes `out` atomically."""
+             record: dict | None = None, pending: dict[str, Future] | None = None,
+             configs: Sequence[str | Path] | None = None) -> Path:
+    """Execute a plan against an open reader; writes `out` atomically.
+
+    `record` (the expansion.json content) is completed with the results of `pending` at the end.
+    """
     from tqdm import tqdm
 
     dst, opt = plan.dst, plan.options
     dtype = getattr(torch, plan.dtype)
-    extra = {MANIFEST: json.dumps(record, indent=1, default=str) + "\n"} if record is not None else {}
     bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="expand", disable=quiet, file=sys.stderr)
-    with bar, CheckpointWriter(out, dst, force=force, configs=configs, extra_files=extra) as w:
+    with bar, CheckpointWriter(out, dst, force=force, configs=configs) as w:
         def step(index):
             bar.update(plan.file_bytes[index])
 
@@ -144,6 +150,9 @@ def run_plan(plan: ExpansionPlan, reader: CheckpointReader, out: str | Path, *, 
         step(arch.head_index(dst.num_layers))
         if w.root is not None:
             (w.root / MAPS_FILE).write_bytes(_maps_npz(plan))
+        if record is not None:
+            record.update({key: fut.result() for key, fut in (pending or {}).items()})
+            w.extra_files[MANIFEST] = json.dumps(record, indent=1, default=str) + "\n"
     return Path(out)
 
 
