@@ -91,3 +91,18 @@ def test_gather_implementation_equals_the_literal_operators(aki, second, hidden)
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-13, atol=1e-14, msg=k)
+
+
+def test_gather_with_and_without_identity_prefixes():
+    from neox_progressive.expand.ops import _gather, identity_prefix
+
+    w = torch.randn(7, 5, dtype=torch.float64)
+    for rows, cols in [([0, 1, 2, 3, 4, 5, 6, 2, 2], [0, 1, 2, 3, 4, 0]), ([1, 0, 2, 2], [3, 0, 1, 2, 4]), (None, [4, 4]),
+                       ([0, 1, 6], None), (list(range(7)), list(range(5)))]:
+        r = None if rows is None else torch.tensor(rows)
+        c = None if cols is None else torch.tensor(cols)
+        want = w if r is None else w[r]
+        want = want if c is None else want[:, c]
+        assert torch.equal(_gather(w, r, c, None), want)
+    assert torch.equal(_gather(w[:, 0], torch.tensor([0, 1, 5]), None, torch.float32), w[[0, 1, 5], 0].float())
+    assert identity_prefix(torch.tensor([0, 1, 2, 0])) == 3 and identity_prefix(torch.tensor([1, 0])) == 0

@@ -99,13 +99,36 @@ def head_rows(units: Unit, d: int) -> torch.Tensor:
     return (units.g[:, None] * d + torch.arange(d)[None, :]).reshape(-1)
 
 
-def _gather(w: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None, work: torch.dtype) -> torch.Tensor:
-    """w[rows][:, cols] in the source dtype (copies need no math), then one conversion to the math dtype."""
-    if rows is not None:
-        w = w.index_select(0, rows)
-    if cols is not None:
-        w = w.index_select(1, cols)
-    return w if work is None else w.to(work)
+def identity_prefix(idx: torch.Tensor) -> int:
+    """Length p of the longest prefix with idx[:p] == 0..p-1 (bert2BERT maps keep the old units first)."""
+    off = (idx != torch.arange(len(idx))).nonzero()
+    return len(idx) if len(off) == 0 else int(off[0])
+
+
+def _gather(w: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None, work: torch.dtype | None) -> torch.Tensor:
+    """w[rows][:, cols] in the source dtype (copies need no math), then one conversion to the math dtype.
+
+    The identity prefixes of the maps are block copies; only the new units are gathered, so the
+    expansion touches each output byte once.
+    """
+    n_rows = w.shape[0] if rows is None else len(rows)
+    pr = n_rows if rows is None else identity_prefix(rows)
+    if w.dim() == 1:
+        out = torch.empty(n_rows, dtype=w.dtype)
+        out[:pr] = w[:pr]
+        if pr < n_rows:
+            out[pr:] = w.index_select(0, rows[pr:])
+    else:
+        n_cols = w.shape[1] if cols is None else len(cols)
+        pc = n_cols if cols is None else identity_prefix(cols)
+        out = torch.empty(n_rows, n_cols, dtype=w.dtype)
+        out[:pr, :pc] = w[:pr, :pc]
+        if pc < n_cols:
+            out[:pr, pc:] = w[:pr].index_select(1, cols[pc:])
+        if pr < n_rows:
+            part = w.index_select(0, rows[pr:])
+            out[pr:] = part if cols is None else part.index_select(1, cols)
+    return out if work is None else out.to(work)
 
 
 HALF = (torch.bfloat16, torch.float16)
@@ -205,7 +228,7 @@ def widen_rows_in_h(w: torch.Tensor, h: Unit, rows: int, out_dtype: torch.dtype,
     """IN_h of a [V, h] matrix (the head), re-padded to `rows` (new rows 0), in row chunks to bound memory."""
     work = torch.float64 if w.dtype == torch.float64 else torch.float32
     c = h.c[h.g].to(work)
-    return _chunked(w, rows, out_dtype, chunk, lambda x: divide(x.index_select(1, h.g), c, work))
+    return _chunked(w, rows, out_dtype, chunk, lambda x: divide(_gather(x, None, h.g, None), c, work))
 
 
 def widen_rows_out_h(w: torch.Tensor, h: Unit, a: torch.Tensor, rows: int, out_dtype: torch.dtype,
@@ -213,9 +236,9 @@ def widen_rows_out_h(w: torch.Tensor, h: Unit, a: torch.Tensor, rows: int, out_d
     """E'[v, k] = a_k E[v, g_h(k)] (out-dim copy of the embedding columns), re-padded to `rows`."""
     work = torch.float64 if w.dtype == torch.float64 else torch.float32
     if bool((a == 1).all()):  # a pure copy: no arithmetic, no conversion
-        return _chunked(w, rows, out_dtype, chunk, lambda x: x.index_select(1, h.g))
+        return _chunked(w, rows, out_dtype, chunk, lambda x: _gather(x, None, h.g, None))
     a = a.to(work)
-    return _chunked(w, rows, out_dtype, chunk, lambda x: x.index_select(1, h.g).to(work).mul_(a))
+    return _chunked(w, rows, out_dtype, chunk, lambda x: _gather(x, None, h.g, work).mul_(a))
 
 
 def _chunked(w, rows, out_dtype, chunk, fn):
