@@ -73,6 +73,15 @@ def _work(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
 
 
+def _embed(reader: CheckpointReader) -> torch.Tensor:
+    """The source embedding; at TP 1 the memory-mapped tensor itself (no copy of V x h)."""
+    if reader.tp == 1:
+        t = reader.file_state(arch.embed_index())[0][arch.EMBED_KEY]
+        if tuple(t.shape) == (reader.shape.padded_vocab_size, reader.shape.hidden_size):
+            return t
+    return reader.embed()
+
+
 def _maps_npz(plan: ExpansionPlan) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **plan.maps_arrays())
@@ -130,20 +139,30 @@ def run_plan(plan: ExpansionPlan, reader: CheckpointReader, out: str | Path, *, 
             bar.update(plan.file_bytes[index])
 
         u0 = _units(plan, 0)
-        w.write_embed(ops.widen_rows_out_h(reader.embed(), u0.hidden, u0.alpha, dst.padded_vocab_size, dtype))
+        w.write_embed(ops.widen_rows_out_h(_embed(reader), u0.hidden, u0.alpha, dst.padded_vocab_size, dtype))
         step(arch.embed_index())
-        cur = reader.layer(0)
-        for layer in range(plan.src.num_layers):
-            top = layer == plan.src.num_layers - 1
-            upper = None if top else reader.layer(layer + 1)
-            wide = ops.widen_layer(cur, upper if opt.method == "aki" else None, _units(plan, layer),
-                                   aki_second=opt.aki_second, aki_hidden=opt.aki_hidden, out_dtype=dtype)
+
+        def write_targets(layer: int, wide: dict[str, torch.Tensor]) -> None:
             for t in plan.targets_of(layer):
                 zero = plan.added[t] and opt.new_layer_init == "zero_out"
                 w.write_layer(t, ops.zero_out(wide) if zero else wide)
                 step(arch.layer_index(t))
-            del wide
-            cur = upper
+
+        # one layer in flight: layer l is saved by a thread while layer l+1 is widened
+        with ThreadPoolExecutor(1) as io_thread:
+            writing = None
+            cur = reader.layer(0)
+            for layer in range(plan.src.num_layers):
+                top = layer == plan.src.num_layers - 1
+                upper = None if top else reader.layer(layer + 1)
+                wide = ops.widen_layer(cur, upper if opt.method == "aki" else None, _units(plan, layer),
+                                       aki_second=opt.aki_second, aki_hidden=opt.aki_hidden, out_dtype=dtype)
+                if writing is not None:
+                    writing.result()
+                writing = io_thread.submit(write_targets, layer, wide)
+                del wide
+                cur = upper
+            writing.result()
         w.write_final_norm(ops.norm_h(_work(reader.final_norm()), u0.hidden, u0.alpha).to(dtype))
         step(arch.final_norm_index(dst.num_layers))
         w.write_head(ops.widen_rows_in_h(reader.head(), u0.hidden, dst.padded_vocab_size, dtype))
