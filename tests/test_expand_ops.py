@@ -106,3 +106,18 @@ def test_gather_with_and_without_identity_prefixes():
         assert torch.equal(_gather(w, r, c, None), want)
     assert torch.equal(_gather(w[:, 0], torch.tensor([0, 1, 5]), None, torch.float32), w[[0, 1, 5], 0].float())
     assert identity_prefix(torch.tensor([0, 1, 2, 0])) == 3 and identity_prefix(torch.tensor([1, 0])) == 0
+
+
+def test_layer_files_hold_only_their_own_bytes(tmp_path):
+    """arch._own (no copy for tensors that own their storage) still clones views: a TP shard saved from a view
+    of the full tensor would otherwise carry the whole base storage into its file."""
+    from neox_progressive import arch
+
+    full = torch.randn(64, 32)
+    fresh = torch.randn(64, 32)
+    assert arch._own(fresh) is fresh
+    shard = arch._own(full[32:])
+    assert shard.untyped_storage().nbytes() == 32 * 32 * 4 and torch.equal(shard, full[32:])
+    assert arch._own(full[:, :16]).is_contiguous()
+    torch.save(arch._own(full[:8]), tmp_path / "s.pt")
+    assert (tmp_path / "s.pt").stat().st_size < 8 * 32 * 4 + 2048
