@@ -105,7 +105,7 @@ def expand_checkpoint(src, src_configs, dst_configs, out, options: ExpandOptions
     record = _record(plan, reader, src, src_configs, dst_configs)
     with ThreadPoolExecutor(1) as pool:  # hashing the source overlaps the expansion (hashlib releases the GIL)
         pending = {"source_sha256": pool.submit(reader.sha256)}
-        run_plan(plan, reader, out, force=force, quiet=quiet, record=record, pending=pending)
+        run_plan(plan, reader, out, force=force, quiet=quiet, record=record, pending=pending, configs=_paths(dst_configs))
     return record
 
 
