@@ -41,7 +41,8 @@ EXAMPLES = """
 
 
 def add_arguments(p) -> None:
-    p.add_argument("family", nargs="?", help="a family file (not yet supported: use --member)")
+    p.add_argument("family", nargs="?", help="a family file: evaluate the members `neox-progressive run` trained (both "
+                   "modes when both exist); or list them with --member")
     p.add_argument("--member", action="append", default=[], metavar="[FAMILY/]NAME=CKPT:CFG[,CFG]",
                    help="a member, repeatable, small to large within a family")
     p.add_argument("--out", help="output directory for report.md / report.json / plots")
@@ -105,12 +106,36 @@ def settings_from(args) -> EvalSettings:
 
 def members_from(args) -> list[Member]:
     if args.family:
-        # TODO(family): read the family file with neox_progressive.family.load_family once it is on main.
-        raise UserError(f"{args.family}: family files are not supported by this build yet; list the members with "
-                        "--member [FAMILY/]NAME=CHECKPOINT_DIR:CONFIG.yml (small to large)")
+        if args.member:
+            raise UserError("pass either a family file or --member specs, not both")
+        return family_members(args.family)
     if not args.member:
-        raise UserError("no members: pass --member [FAMILY/]NAME=CHECKPOINT_DIR:CONFIG.yml for each, small to large")
+        raise UserError("no members: pass a family file, or --member [FAMILY/]NAME=CHECKPOINT_DIR:CONFIG.yml for each, "
+                        "small to large")
     return [Member.parse(spec) for spec in args.member]
+
+
+def family_members(path: str) -> list[Member]:
+    """The trained members of a family file's run (`neox-progressive run`), for every mode that has them."""
+    from neox_progressive.family import load_family
+    from neox_progressive.runner.family_run import MODES, stage_yaml_of
+
+    family = load_family(path)
+    members = []
+    for mode in MODES:
+        found = [(m.name, stage_yaml_of(family, mode, m.name)) for m in family.members]
+        found = [(n, y) for n, y in found if y.is_file() and (_save_dir(y) / "latest").is_file()]
+        members += [Member(name=n, checkpoint=_save_dir(y), configs=[y], family=mode) for n, y in found]
+    if not members:
+        raise UserError(f"{path}: no trained members under {family.output_dir} (run `neox-progressive run {path}` first, "
+                        "or list checkpoints with --member)")
+    return members
+
+
+def _save_dir(stage_yaml: Path) -> Path:
+    from neox_progressive.runner.engines import stage_save_dir
+
+    return stage_save_dir(stage_yaml)
 
 
 def dry_run(members: list[Member], s: EvalSettings) -> None:

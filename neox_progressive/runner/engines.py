@@ -18,6 +18,7 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -43,8 +44,12 @@ class Engine(Protocol):
     def command(self, stage_yaml: Path) -> str:
         """The command `--dry-run` prints for this stage."""
 
-    def train(self, stage_yaml: Path, log_dir: Path, quiet: bool = False) -> TrainResult:
-        """Train the stage to its `train_iters`, resuming from the stage's own checkpoint if any."""
+    def train(self, stage_yaml: Path, log_dir: Path, quiet: bool = False,
+              callback: Callable[[dict], None] | None = None) -> TrainResult:
+        """Train the stage to its `train_iters`, resuming from the stage's own checkpoint if any.
+
+        `callback`, where the engine supports it, gets every metrics record as it is logged (the
+        runner's live stage-start check); raising from it stops training."""
 
 
 def stage_save_dir(stage_yaml: Path) -> Path:
@@ -95,7 +100,8 @@ class NeoXEngine:
     def command(self, stage_yaml: Path) -> str:
         return f"cd {shlex.quote(str(self.neox_dir))} && " + shlex.join(self._argv(stage_yaml))
 
-    def train(self, stage_yaml: Path, log_dir: Path, quiet: bool = False) -> TrainResult:
+    def train(self, stage_yaml: Path, log_dir: Path, quiet: bool = False,
+              callback: Callable[[dict], None] | None = None) -> TrainResult:
         save = stage_save_dir(stage_yaml)
         it = saved_iteration(save)
         cfg = merge_neox_configs([stage_yaml])
@@ -143,12 +149,13 @@ class BuiltinEngine:
         dev = f" --device {self.device}" if self.device else ""
         return f"(builtin engine{dev}) train {stage_yaml}"
 
-    def train(self, stage_yaml: Path, log_dir: Path, quiet: bool = False) -> TrainResult:
+    def train(self, stage_yaml: Path, log_dir: Path, quiet: bool = False,
+              callback: Callable[[dict], None] | None = None) -> TrainResult:
         from neox_progressive.train import train_stage
 
         log_dir.mkdir(parents=True, exist_ok=True)
         res = train_stage([stage_yaml], device=self.device, quiet=quiet,
-                          log_path=log_dir / f"{Path(stage_yaml).stem}.metrics.jsonl")
+                          log_path=log_dir / f"{Path(stage_yaml).stem}.metrics.jsonl", callback=callback)
         if res.save_dir is None:
             raise UserError(f"{stage_yaml} has no `save` key; the runner needs each stage's checkpoint dir")
         return TrainResult(Path(res.save_dir), metrics=res.metrics_path)

@@ -1,0 +1,293 @@
+"""`neox-progressive run`: train a whole family, stage after stage, resumably.
+
+For each mode (progressive, independent) the runner writes the stage configs, cuts each member's
+data window, and then for every member in order:
+
+1. `expand` (progressive, member k > 1): grow member k-1's final checkpoint into member k's
+   `load` dir with the family's expansion options (bert2BERT AKI by default);
+2. `train`: the engine trains the stage YAML (NeoX in a subprocess, or the builtin engine);
+3. `start-check` (progressive, k > 1): the expanded checkpoint's held-out loss, computed with the
+   reference model before training, against the first logged training losses: a stage that
+   starts like a random initialization stops the run (see `neox_progressive.train.start_check`).
+   With the builtin engine the check runs live, after the first iterations.
+
+Then `eval` scores every trained member (perplexity, adjacent-pair KL, speculative decoding, the
+family file's lm-eval tasks) into `<output_dir>/report/`.
+
+Resuming: `<output_dir>/<mode>/state.json` (`RunState`) records each finished step with the
+digests of its inputs and outputs. A step is skipped only if its outputs are unchanged and its
+inputs are the same as when it ran; anything else is redone, and everything after it with it
+(their inputs changed). An interrupted training stage continues from its own latest checkpoint
+(the builtin engine resumes exactly; NeoX restores optimizer and data position), unless its
+inputs changed, in which case its partial checkpoints are discarded first.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from neox_progressive.errors import CheckFailed, UserError
+from neox_progressive.runner.engines import Engine, TrainResult, stage_save_dir
+from neox_progressive.runner.state import RunState, digest
+
+MODES = ("progressive", "independent")
+
+
+@dataclass
+class Step:
+    """One unit of work: skipped when the state file says it is done with the same inputs."""
+
+    name: str
+    describe: str
+    inputs: Callable[[], dict[str, Any]]
+    action: Callable[[], dict[str, Any]]
+    outputs: list[Path] = field(default_factory=list)
+    command: str = ""
+
+
+def stage_yaml_of(family, mode: str, member: str) -> Path:
+    """Where the runner writes a member's stage config: `<output_dir>/<mode>/configs/stage_<member>.yml`."""
+    return Path(family.output_dir) / mode / "configs" / f"stage_{member}.yml"
+
+
+def _log(msg: str, quiet: bool = False) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+class FamilyRun:
+    """Plans and runs the steps of one family in one mode (see the module docstring)."""
+
+    def __init__(self, family, mode: str, engine: Engine, *, quiet: bool = False, device: str | None = None):
+        if mode not in MODES:
+            raise UserError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
+        from neox_progressive.family import plan_family
+
+        self.family, self.mode, self.engine, self.quiet, self.device = family, mode, engine, quiet, device
+        self.plan = plan_family(family, mode)
+        self.root = Path(family.output_dir) / mode
+        self.configs_dir = self.root / "configs"
+        self.state = RunState(self.root / "state.json")
+        self.results: dict[str, dict[str, Any]] = {}
+
+    # ---- paths --------------------------------------------------------------------------------------
+    def dirs(self, member: str):
+        from neox_progressive.family import member_dirs
+
+        return member_dirs(self.family, self.mode, member)
+
+    def stage_yaml(self, member: str) -> Path:
+        return stage_yaml_of(self.family, self.mode, member)
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.family.members]
+
+    # ---- the steps ----------------------------------------------------------------------------------
+    def prepare(self) -> list[Path]:
+        """Write the stage configs and cut the members' data windows (cheap, idempotent; every run)."""
+        from neox_progressive.family import generate_configs
+
+        written = generate_configs(self.family, self.configs_dir, self.mode)
+        self._cut_windows()
+        return written
+
+    def _cut_windows(self) -> None:
+        from neox_progressive.data import cut_member_windows, dataset_exists
+
+        rows = [r for r in self.plan_rows() if r.get("train_data_path") and r.get("data_windows")]
+        src = self.train_prefix()
+        if not rows or src is None:
+            return
+        if not dataset_exists(src):
+            raise UserError(f"the family's training data {src}.bin/.idx does not exist; make it with "
+                            "`neox-progressive prepare-data` (see the family file's `data` block)")
+        cut_member_windows(src, rows)
+
+    def plan_rows(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.plan.to_dict()["rows"]]
+
+    def train_prefix(self) -> str | None:
+        data = getattr(self.family, "data", None)
+        prefix = getattr(data, "train", None) if data is not None else None
+        return str(prefix) if prefix else None
+
+    def steps(self) -> Iterator[Step]:
+        names = self.names
+        for k, name in enumerate(names):
+            prev = names[k - 1] if k else None
+            if self.mode == "progressive" and prev is not None:
+                yield self._expand_step(prev, name)
+            yield self._train_step(name, expanded=self.mode == "progressive" and prev is not None)
+
+    def _expand_step(self, prev: str, name: str) -> Step:
+        from neox_progressive.expand import ExpandOptions, expand_checkpoint
+
+        src = self.dirs(prev).checkpoints
+        out = self.dirs(name).expanded
+        options = ExpandOptions.from_dict(dict(getattr(self.family, "expansion", None) or {}))
+
+        def inputs() -> dict[str, Any]:
+            return {"source": digest(src), "src_config": digest(self.stage_yaml(prev)),
+                    "dst_config": digest(self.stage_yaml(name)), "options": repr(options)}
+
+        def action() -> dict[str, Any]:
+            record = expand_checkpoint(src, [self.stage_yaml(prev)], [self.stage_yaml(name)], out, options,
+                                       force=True, quiet=self.quiet, stage=f"{prev}->{name}")
+            return {"expansion": {k: record.get(k) for k in ("method", "options") if k in record}}
+
+        cmd = (f"neox-progressive expand --src {src} --src-config {self.stage_yaml(prev)} "
+               f"--dst-config {self.stage_yaml(name)} --out {out}")
+        return Step(f"{name}/expand", f"expand {prev} -> {name}", inputs, action, [out], cmd)
+
+    def _train_step(self, name: str, expanded: bool) -> Step:
+        yml = self.stage_yaml(name)
+        expanded_dir = self.dirs(name).expanded if expanded else None
+
+        def inputs() -> dict[str, Any]:
+            return {"config": digest(yml), "init": digest(expanded_dir) if expanded_dir else "scratch"}
+
+        def action() -> dict[str, Any]:
+            return self._train(name, yml, expanded_dir, inputs())
+
+        return Step(f"{name}/train", f"train {name} ({'from the expanded ' + name if expanded else 'from scratch'})",
+                    inputs, action, [stage_save_dir(yml)] if yml.exists() else [], self.engine.command(yml))
+
+    # ---- training with the stage-start check --------------------------------------------------------
+    def _train(self, name: str, yml: Path, expanded_dir: Path | None, inputs: dict[str, Any]) -> dict[str, Any]:
+        save = stage_save_dir(yml)
+        marker = self.dirs(name).root / "train_inputs.json"
+        if save.exists() and (not marker.is_file() or json.loads(marker.read_text()) != inputs):
+            _log(f"{name}: discarding the partial checkpoints in {save} (made from other inputs)", self.quiet)
+            shutil.rmtree(save)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(inputs, indent=1, sort_keys=True))
+        info: dict[str, Any] = {}
+        check = None
+        if expanded_dir is not None:
+            check = self._start_check(name, yml, expanded_dir)
+            info["expanded_loss"] = check.expanded
+        result: TrainResult = self.engine.train(yml, self.root / "logs", quiet=self.quiet,
+                                                callback=check.callback if check else None)
+        if check is not None:
+            info["start_check"] = check.finish(result)
+        info.update(self._summary(name, result))
+        return info
+
+    def _start_check(self, name: str, yml: Path, expanded_dir: Path) -> _LiveStartCheck:
+        from neox_progressive.train import expanded_loss
+        from neox_progressive.train.settings import read_settings
+
+        shape = read_settings([yml]).shape
+        loss = expanded_loss(expanded_dir, [yml], device=self.device)
+        vocab = shape.padded_vocab_size or 0
+        _log(f"{name}: the expanded checkpoint's held-out loss is {loss:.4f} (random init: about ln V)", self.quiet)
+        return _LiveStartCheck(name, loss, vocab, quiet=self.quiet)
+
+    def _summary(self, name: str, result: TrainResult) -> dict[str, Any]:
+        from neox_progressive.train import read_metrics
+
+        out: dict[str, Any] = {"checkpoint": str(result.checkpoint)}
+        if result.metrics and Path(result.metrics).is_file():
+            out["metrics"] = str(result.metrics)
+            valid = read_metrics(result.metrics, "valid")
+            train = read_metrics(result.metrics, "train")
+            if valid:
+                out["start_valid_loss"] = valid[0]["loss"] if valid[0]["iteration"] == 0 else None
+                out["final_valid_loss"] = valid[-1]["loss"]
+            if train:
+                out["final_train_loss"] = train[-1]["loss"]
+                out["tokens"] = train[-1]["tokens"]
+                out["flops"] = train[-1]["flops"]
+        return out
+
+    # ---- driving ------------------------------------------------------------------------------------
+    def is_done(self, step: Step) -> bool:
+        return self.state.done(step.name) and self.state.info(step.name).get("inputs") == step.inputs()
+
+    def run(self) -> dict[str, dict[str, Any]]:
+        """Run every step not already done; returns {step name: info}."""
+        self.prepare()
+        for step in self.steps():
+            if self.is_done(step):
+                _log(f"[{self.mode}] {step.name}: done before, outputs verified; skipping", self.quiet)
+                self.results[step.name] = self.state.info(step.name)
+                continue
+            _log(f"[{self.mode}] {step.describe}", self.quiet)
+            t0 = time.time()
+            inputs = step.inputs()
+            info = step.action() or {}
+            info = {**info, "inputs": inputs, "seconds": round(time.time() - t0, 2)}
+            outputs = step.outputs or ([Path(info["checkpoint"])] if "checkpoint" in info else [])
+            self.state.record(step.name, outputs, info)
+            self.results[step.name] = info
+        return self.results
+
+    def describe(self) -> list[str]:
+        """The `--dry-run` lines: every step and command, marking what is already done."""
+        lines = [f"[{self.mode}] write {len(self.names)} stage configs into {self.configs_dir} and cut the data windows"]
+        for step in self.steps():
+            done = self.state.done(step.name) and self.stage_yaml(step.name.split("/")[0]).exists() and self.is_done(step)
+            lines.append(f"[{self.mode}] {step.name}: {step.describe}{'  (done, will be skipped)' if done else ''}")
+            if step.command:
+                lines.append(f"    $ {step.command}")
+        return lines
+
+
+class _LiveStartCheck:
+    """The stage-start check, fed with the training records as they come (builtin engine), or with
+    the NeoX log after the stage (NeoX engine)."""
+
+    def __init__(self, member: str, expanded: float, vocab: int, quiet: bool, n_first: int = 5):
+        self.member, self.expanded, self.vocab, self.quiet, self.n_first = member, expanded, vocab, quiet, n_first
+        self.losses: list[float] = []
+        self.result = None
+
+    def callback(self, record: dict) -> None:
+        if record.get("kind") != "train" or self.result is not None:
+            return
+        if record.get("iteration") == 1:
+            self.losses = []
+        elif not self.losses:
+            return  # resumed past the first iterations: `finish` reads them from the metrics file
+        self.losses.append(float(record["loss"]))
+        if len(self.losses) >= self.n_first:
+            self._decide()
+
+    def _decide(self) -> None:
+        from neox_progressive.train import check_stage_start
+
+        self.result = check_stage_start(self.expanded, self.losses, self.vocab, member=self.member)
+        _log(self.result.message, self.quiet)
+        if not self.result.ok:
+            raise CheckFailed(self.result.message)
+
+    def finish(self, result: TrainResult) -> dict[str, Any]:
+        if self.result is None:
+            self.losses = self._first_losses(result)
+            if not self.losses:
+                raise CheckFailed(f"member {self.member}: no training losses were logged, so the stage-start check cannot "
+                                  "tell whether training started from the expanded weights (set log_interval: 1)")
+            self._decide()
+        return {"verdict": self.result.verdict, "first_losses": self.losses, "expanded_loss": self.expanded}
+
+    def _first_losses(self, result: TrainResult) -> list[float]:
+        by_iter: dict[int, float] = {}
+        if result.metrics is not None and Path(result.metrics).is_file():
+            from neox_progressive.train import read_metrics
+
+            for r in read_metrics(result.metrics, "train"):
+                by_iter.setdefault(int(r["iteration"]), float(r["loss"]))
+        elif result.log is not None and Path(result.log).is_file():
+            from neox_progressive.train import parse_neox_losses
+
+            for it, loss in parse_neox_losses(Path(result.log).read_text()):
+                by_iter.setdefault(it, loss)  # the log is appended to: the stage's first try comes first
+        return [by_iter[i] for i in sorted(by_iter)][: self.n_first]
