@@ -176,6 +176,15 @@ def unfuse_linear1(ranks: list[torch.Tensor], shape: ModelShape) -> tuple[torch.
     return torch.cat(ups), torch.cat(gates)
 
 
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """`t` as torch.save should get it: contiguous and owning exactly its storage (torch.save writes a
+    view's whole base storage, so views are cloned; tensors that already own their storage are not copied)."""
+    t = t.contiguous()
+    if t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone()
+
+
 def _rows(t: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
     n = t.shape[0] // tp
     return t[rank * n:(rank + 1) * n]
@@ -207,7 +216,7 @@ def layer_to_neox(layer: dict[str, torch.Tensor], shape: ModelShape) -> list[dic
         sd[LINEAR2_WEIGHT] = _cols(layer["mlp.down.weight"], shape.tp, r)
         if shape.mlp_bias:
             sd[LINEAR2_BIAS] = layer["mlp.down.bias"]
-        out.append({k: v.contiguous().clone() for k, v in sd.items()})
+        out.append({k: _own(v) for k, v in sd.items()})
     return out
 
 
@@ -232,15 +241,15 @@ def layer_from_neox(ranks: list[dict[str, torch.Tensor]], shape: ModelShape) -> 
 
 
 def embed_to_neox(weight: torch.Tensor, shape: ModelShape) -> list[dict[str, torch.Tensor]]:
-    return [{EMBED_KEY: _rows(weight, shape.tp, r).contiguous().clone()} for r in range(shape.tp)]
+    return [{EMBED_KEY: _own(_rows(weight, shape.tp, r))} for r in range(shape.tp)]
 
 
 def head_to_neox(weight: torch.Tensor, shape: ModelShape) -> list[dict[str, torch.Tensor]]:
-    return [{HEAD_KEY: _rows(weight, shape.tp, r).contiguous().clone()} for r in range(shape.tp)]
+    return [{HEAD_KEY: _own(_rows(weight, shape.tp, r))} for r in range(shape.tp)]
 
 
 def final_norm_to_neox(weight: torch.Tensor, shape: ModelShape) -> list[dict[str, torch.Tensor]]:
-    return [{FINAL_NORM_KEY: weight.contiguous().clone()} for _ in range(shape.tp)]
+    return [{FINAL_NORM_KEY: _own(weight)} for _ in range(shape.tp)]
 
 
 def neox_file_shapes(shape: ModelShape) -> dict[int, dict[str, tuple[int, ...]]]:

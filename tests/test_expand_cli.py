@@ -170,5 +170,39 @@ def test_kill_mid_write_leaves_no_checkpoint(tmp_path):
     assert leftovers and not any((p / "latest").exists() for p in leftovers)
     # the next run removes the dead run's leftovers and succeeds
     assert subprocess.run(cmd, env=env).returncode == 0
-    assert (tmp_path / "big" / "latest").read_text() == "global_step0" and (tmp_path / "big" / "expansion.json").exists()
+    assert (tmp_path / "big" / "latest").read_text() == "global_step0"
+    rec = json.loads((tmp_path / "big" / "expansion.json").read_text())
+    assert "expand_neox_ckpt.py --src" in rec["command_line"] and rec["target"]["num_layers"] == 12
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".big")]
+
+
+def test_help_and_thin_script(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "expand_neox_ckpt.py"), "--help"], capture_output=True,
+                         text=True, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=""))
+    assert out.returncode == 0
+    for text in ("--method", "--depth-rule", "--new-layer-init", "--rms-comp", "--map-sampling", "--gqa-layout",
+                 "--aki-second", "--aki-hidden", "--dry-run", "bert2BERT Algorithm 1", "none for aki, exact for fpi"):
+        assert text in " ".join(out.stdout.split()), text
+
+
+def test_manifest_inside_out(tmp_path, capsys):
+    import hashlib
+
+    import numpy as np
+
+    src = shape()
+    src_dir, src_yml, _ = write_source(tmp_path, src)
+    dst_yml = write_yaml(tmp_path / "dst.yml", wider(src, 5, ffn=60, num_layers=3))
+    assert main(["expand", "--src", str(src_dir), "--src-config", str(src_yml), "--dst-config", str(dst_yml),
+                 "--out", str(tmp_path / "o"), "--quiet", "--seed", "4", "--stage", "s2"]) == 0
+    rec = json.loads((tmp_path / "o" / "expansion.json").read_text())
+    files = sorted((src_dir / "global_step0").glob("*.pt"))
+    assert rec["source_sha256"] == {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    assert rec["options"]["seed"] == 4 and rec["stage"] == "s2" and rec["options"]["rms_comp"] == "none"
+    assert rec["source"]["hidden_size"] == 32 and rec["target"]["num_layers"] == 3 and rec["depth_order"] == [0, 1, 1]
+    assert rec["plugin_version"] and rec["command_line"]  # sys.argv: pytest's here; see the kill test for a real one
+    npz = (tmp_path / "o" / rec["maps_file"]).read_bytes()
+    assert hashlib.sha256(npz).hexdigest() == rec["maps_sha256"]
+    with np.load(tmp_path / "o" / rec["maps_file"]) as z:
+        assert z["hidden"].shape == (40,) and z["layer1.ffn"].shape == (60,)
+    assert (tmp_path / "o" / "latest").read_text() == "global_step0"

@@ -109,3 +109,37 @@ def test_fold_back_invariants(tmp_path):
     torch.testing.assert_close(d_fold, sd["layers.1.mlp.down.weight"])
     torch.testing.assert_close(dsd["layers.1.mlp.gate.weight"][:, first] * torch.from_numpy(c.astype(np.float32)),
                                sd["layers.1.mlp.gate.weight"][torch.from_numpy(gf)])
+
+
+def test_vocab_repadded_for_the_target_tp(tmp_path):
+    """96 rows pad to 128 at TP 2 (make_vocab_size_divisible_by 32): the new rows are zero, the old logits exact."""
+    src = shape(padded_vocab_size=96)
+    dst = wider(src, 6, ffn=64, tp=2)
+    _, rec, sd, dshape, dsd = run_expand(tmp_path, src, dst, method="fpi")
+    assert dshape.padded_vocab_size == 128 == rec["target"]["padded_vocab_size"]
+    assert not dsd["embed.weight"][96:].any() and not dsd["head.weight"][96:].any()
+    x = tokens(src)
+    assert rel_err(logits(dshape, dsd, x)[..., :96], logits(src, sd, x)) <= TOL
+
+
+@torch.no_grad()
+def _block_outputs(shape, sd, x):
+    from neox_progressive.model import Transformer
+
+    model = Transformer.from_state_dict(shape, {k: v.clone() for k, v in sd.items()})
+    outs = []
+    for block in model.layers:
+        block.register_forward_hook(lambda mod, args, out: outs.append(out))
+    model(x)
+    return outs
+
+
+def test_every_block_output_is_a_scaled_copy(tmp_path):
+    """x'_k = a_k x_{g_h(k)} after every block (EXPANSION_SPEC section 10 item 1), a_k = sqrt((h'/h)/c(g_h(k)))."""
+    src = shape(num_layers=3, num_kv_heads=2)
+    out, _, sd, dshape, dsd = run_expand(tmp_path, src, wider(src, 6, 2, ffn=60), method="fpi")
+    gh = load_maps(out)["hidden"]
+    a = torch.from_numpy(np.sqrt((48 / 32) / np.bincount(gh, minlength=32)[gh])).float()
+    x = tokens(src)
+    for got, want in zip(_block_outputs(dshape, dsd, x), _block_outputs(src, sd, x), strict=True):
+        assert rel_err(got, want[..., torch.from_numpy(gh)] * a) <= TOL

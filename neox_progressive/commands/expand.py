@@ -76,12 +76,14 @@ def run(args) -> int:
 
     options = options_of(args)
     if args.dry_run:
-        plan, _ = plan_for(args.src, args.src_config, args.dst_config, options, args.stage)
+        plan, reader = plan_for(args.src, args.src_config, args.dst_config, options, args.stage)
         check_destination(args.out, args.force)
         if args.format == "json":
             print(json.dumps(plan.summary(), indent=1, default=str))
         else:
             print(plan.describe())
+            if reader is None:
+                print(f"  (no checkpoint at {args.src} yet: planned from the configs, dtype {plan.dtype})")
             print(f"dry run: nothing written (would write {args.out})")
         return 0
     if not args.quiet and args.format == "text":

@@ -94,57 +94,128 @@ class LayerUnits:
     head_dim: int
 
 
+def head_rows(units: Unit, d: int) -> torch.Tensor:
+    """Source row of every target row of a head-blocked matrix: whole dh-row blocks, never split."""
+    return (units.g[:, None] * d + torch.arange(d)[None, :]).reshape(-1)
+
+
+def identity_prefix(idx: torch.Tensor) -> int:
+    """Length p of the longest prefix with idx[:p] == 0..p-1 (bert2BERT maps keep the old units first)."""
+    off = (idx != torch.arange(len(idx))).nonzero()
+    return len(idx) if len(off) == 0 else int(off[0])
+
+
+def _gather(w: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None, work: torch.dtype | None) -> torch.Tensor:
+    """w[rows][:, cols] in the source dtype (copies need no math), then one conversion to the math dtype.
+
+    The identity prefixes of the maps are block copies; only the new units are gathered, so the
+    expansion touches each output byte once.
+    """
+    n_rows = w.shape[0] if rows is None else len(rows)
+    pr = n_rows if rows is None else identity_prefix(rows)
+    if w.dim() == 1:
+        out = torch.empty(n_rows, dtype=w.dtype)
+        out[:pr] = w[:pr]
+        if pr < n_rows:
+            out[pr:] = w.index_select(0, rows[pr:])
+    else:
+        n_cols = w.shape[1] if cols is None else len(cols)
+        pc = n_cols if cols is None else identity_prefix(cols)
+        out = torch.empty(n_rows, n_cols, dtype=w.dtype)
+        out[:pr, :pc] = w[:pr, :pc]
+        if pc < n_cols:
+            out[:pr, pc:] = w[:pr].index_select(1, cols[pc:])
+        if pr < n_rows:
+            part = w.index_select(0, rows[pr:])
+            out[pr:] = part if cols is None else part.index_select(1, cols)
+    return out if work is None else out.to(work)
+
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+def divide(x: torch.Tensor, counts: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    """x / counts (integer counts broadcast over the last dim), equal to fp32 math cast once to x's dtype.
+
+    For 16-bit x the division runs in place in x's dtype: PyTorch's bf16/fp16 kernels convert to fp32,
+    divide and round once, and the counts are exact in 16 bits up to 256, so the result is the same
+    bits as the fp32 route (tests/test_expand_ops.py checks) with a third of the memory traffic.
+    """
+    if x.dtype in HALF and float(counts.max()) <= 256:
+        return x.div_(counts.to(x.dtype))
+    return x.to(work).div_(counts)
+
+
 def widen_layer(cur: dict[str, torch.Tensor], upper: dict[str, torch.Tensor] | None, u: LayerUnits, *,
                 aki_second: str = "current", aki_hidden: str = "copy", out_dtype: torch.dtype | None = None,
                 ) -> dict[str, torch.Tensor]:
-    """One logical layer widened by FPI (upper None) or AKI (upper = source layer l+1)."""
+    """One logical layer widened by FPI (upper None) or AKI (upper = source layer l+1).
+
+    The rules of `in_h` / `out_h` / `rows_heads` / `cols_heads` / `rows_f` / `cols_f` written as index
+    gathers: each target entry is one source entry times at most two scale factors, computed in fp32
+    (fp64 for fp64 sources) and cast once. Under AKI only the new units' rows (or columns) are read
+    from the upper layer.
+    """
     work = torch.float64 if cur["attn.q.weight"].dtype == torch.float64 else torch.float32
     out_dtype = out_dtype or cur["attn.q.weight"].dtype
-    d, h, a = u.head_dim, u.hidden, u.alpha.to(work)
+    d, h = u.head_dim, u.hidden
+    a = u.alpha.to(work)
+    scaled = bool((a != 1).any())
+    inv_h = h.c[h.g].to(work)                      # c_h(g_h(k)) per target hidden column
 
-    def get(sd, key):
-        return None if sd is None else sd[key].to(work)
+    def first(key, rows: torch.Tensor, new_rows: torch.Tensor, in_dim: bool):
+        """IN_h(ROWS(W)) (or ROWS(b) for a bias); AKI: the new units' rows from the upper layer."""
+        cols = h.g if in_dim else None
 
-    def first(key, fn, new: Unit | None, block=1):
-        """First matrix (or bias): rows of new units from the upper layer under AKI."""
-        value = fn(get(cur, key))
-        if upper is not None and new is not None and bool(new.new.any()):
-            value = pick_rows(value, fn(get(upper, key)), new.new, block)
+        def make(w, r):
+            x = _gather(w, r, cols, None)
+            return divide(x, inv_h, work) if in_dim else x
+
+        value = make(cur[key], rows)
+        if upper is not None and bool(new_rows.any()):
+            sel = new_rows.nonzero().squeeze(1)
+            value[sel] = make(upper[key], rows[sel])
         return value
 
-    def second(key, cols, units: Unit, block=1):
-        """Residual writer: OUT_h(COLS(W)); aki_second / aki_hidden choose the upper layer's parts."""
-        value = cols(get(cur, key))
-        if upper is not None and aki_second == "upper":
-            value = pick_cols(value, cols(get(upper, key)), units.new, block)
-        value = out_h(value, h, a)
-        if upper is not None and aki_hidden == "upper":
-            value = pick_rows(value, out_h(cols(get(upper, key)), h, a), h.new)
+    def second(key, cols: torch.Tensor, col_c: torch.Tensor, new_cols: torch.Tensor):
+        """OUT_h(COLS(W)): residual writer; aki_second / aki_hidden take parts from the upper layer."""
+        def make(w, rsel, csel):
+            x = _gather(w, h.g[rsel], cols[csel], None)
+            return x.to(work).div_(col_c[csel]).mul_(a[rsel][:, None]) if scaled else divide(x, col_c[csel], work)
+
+        every = slice(None)
+        value = make(cur[key], every, every)
+        if upper is not None and aki_second == "upper" and bool(new_cols.any()):
+            value[:, new_cols] = make(upper[key], every, new_cols)
+        if upper is not None and aki_hidden == "upper" and bool(h.new.any()):
+            value[h.new] = make(upper[key], h.new, every)
         return value
 
     def writer_bias(key):
-        value = out_h(get(cur, key), h, a)
+        value = out_h(cur[key].to(work), h, a)
         if upper is not None and aki_hidden == "upper":
-            value = pick_rows(value, out_h(get(upper, key), h, a), h.new)
+            value = pick_rows(value, out_h(upper[key].to(work), h, a), h.new)
         return value
 
-    out = {"attn_norm.weight": norm_h(get(cur, "attn_norm.weight"), h, a),
-           "mlp_norm.weight": norm_h(get(cur, "mlp_norm.weight"), h, a)}
+    out = {"attn_norm.weight": norm_h(cur["attn_norm.weight"].to(work), h, a),
+           "mlp_norm.weight": norm_h(cur["mlp_norm.weight"].to(work), h, a)}
     for name, units in (("q", u.heads), ("k", u.kv_heads), ("v", u.kv_heads)):
-        out[f"attn.{name}.weight"] = first(f"attn.{name}.weight", lambda w, n=units: in_h(rows_heads(w, n, d), h), units, d)
+        rows, new_rows = head_rows(units, d), units.new.repeat_interleave(d)
+        out[f"attn.{name}.weight"] = first(f"attn.{name}.weight", rows, new_rows, True)
         if f"attn.{name}.bias" in cur:
-            out[f"attn.{name}.bias"] = first(f"attn.{name}.bias", lambda w, n=units: rows_heads(w, n, d), units, d)
-    out["attn.o.weight"] = second("attn.o.weight", lambda w: cols_heads(w, u.heads, d), u.heads, d)
+            out[f"attn.{name}.bias"] = first(f"attn.{name}.bias", rows, new_rows, False)
+    head_c = u.heads.c[u.heads.g].repeat_interleave(d).to(work)
+    out["attn.o.weight"] = second("attn.o.weight", head_rows(u.heads, d), head_c, u.heads.new.repeat_interleave(d))
     if "attn.o.bias" in cur:
         out["attn.o.bias"] = writer_bias("attn.o.bias")
     for name in ("gate", "up"):
-        out[f"mlp.{name}.weight"] = first(f"mlp.{name}.weight", lambda w: in_h(rows_f(w, u.ffn), h), u.ffn)
+        out[f"mlp.{name}.weight"] = first(f"mlp.{name}.weight", u.ffn.g, u.ffn.new, True)
         if f"mlp.{name}.bias" in cur:
-            out[f"mlp.{name}.bias"] = first(f"mlp.{name}.bias", lambda w: rows_f(w, u.ffn), u.ffn)
-    out["mlp.down.weight"] = second("mlp.down.weight", lambda w: cols_f(w, u.ffn), u.ffn)
+            out[f"mlp.{name}.bias"] = first(f"mlp.{name}.bias", u.ffn.g, u.ffn.new, False)
+    out["mlp.down.weight"] = second("mlp.down.weight", u.ffn.g, u.ffn.c[u.ffn.g].to(work), u.ffn.new)
     if "mlp.down.bias" in cur:
         out["mlp.down.bias"] = writer_bias("mlp.down.bias")
-    return {k: out[k].to(out_dtype).contiguous() for k in cur}
+    return {k: out[k].to(out_dtype) for k in cur}
 
 
 def zero_out(layer: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -155,24 +226,27 @@ def zero_out(layer: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def widen_rows_in_h(w: torch.Tensor, h: Unit, rows: int, out_dtype: torch.dtype, chunk: int = 8192) -> torch.Tensor:
     """IN_h of a [V, h] matrix (the head), re-padded to `rows` (new rows 0), in row chunks to bound memory."""
-    return _chunked(w, rows, out_dtype, chunk, lambda x: in_h(x, h))
+    work = torch.float64 if w.dtype == torch.float64 else torch.float32
+    c = h.c[h.g].to(work)
+    return _chunked(w, rows, out_dtype, chunk, lambda x: divide(_gather(x, None, h.g, None), c, work))
 
 
 def widen_rows_out_h(w: torch.Tensor, h: Unit, a: torch.Tensor, rows: int, out_dtype: torch.dtype,
                      chunk: int = 8192) -> torch.Tensor:
     """E'[v, k] = a_k E[v, g_h(k)] (out-dim copy of the embedding columns), re-padded to `rows`."""
-    return _chunked(w, rows, out_dtype, chunk, lambda x: x[:, h.g] * a.to(x.dtype)[None, :])
+    work = torch.float64 if w.dtype == torch.float64 else torch.float32
+    if bool((a == 1).all()):  # a pure copy: no arithmetic, no conversion
+        return _chunked(w, rows, out_dtype, chunk, lambda x: _gather(x, None, h.g, None))
+    a = a.to(work)
+    return _chunked(w, rows, out_dtype, chunk, lambda x: _gather(x, None, h.g, work).mul_(a))
 
 
 def _chunked(w, rows, out_dtype, chunk, fn):
-    work = torch.float64 if w.dtype == torch.float64 else torch.float32
     n = min(rows, w.shape[0])
-    width = None
     out = None
     for s in range(0, n, chunk):
-        part = fn(w[s:min(s + chunk, n)].to(work))
+        part = fn(w[s:min(s + chunk, n)])
         if out is None:
-            width = part.shape[1]
-            out = torch.zeros(rows, width, dtype=out_dtype)
-        out[s:s + part.shape[0]] = part.to(out_dtype)
+            out = torch.zeros(rows, part.shape[1], dtype=out_dtype)
+        out[s:s + part.shape[0]] = part
     return out

@@ -78,7 +78,8 @@ class ExpansionPlan:
         s, d = self.src, self.dst
         return {
             "source": _shape_record(s), "target": _shape_record(d),
-            "options": self.options.to_dict(), "stage": self.stage, "gqa_layout": self.gqa_layout,
+            "method": self.options.method, "options": self.options.to_dict(), "stage": self.stage,
+            "gqa_layout": self.gqa_layout,
             "depth_order": self.order, "added_layers": [t for t, a in enumerate(self.added) if a],
             "dtype": self.dtype, "target_params": d.param_count(), "target_bytes": self.total_bytes,
             "largest_file_bytes": max(self.file_bytes.values()),

@@ -17,6 +17,7 @@ import json
 import shlex
 import sys
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,8 @@ def plan_for(src, src_configs, dst_configs, options: ExpandOptions = DEFAULT_OPT
     if src is not None and Path(src).exists():
         reader = CheckpointReader(src, src_shape)
         src_shape = reader.shape
-        dtype = str(reader.embed().dtype).replace("torch.", "")
+        raw = reader.file_state(arch.embed_index())[0][arch.EMBED_KEY]  # memory-mapped: only the header is read
+        dtype = str(raw.dtype).replace("torch.", "")
     return plan_expansion(src_shape, dst_shape, options, stage, dtype=dtype), reader
 
 
@@ -69,6 +71,15 @@ def _units(plan: ExpansionPlan, layer: int) -> ops.LayerUnits:
 def _work(t: torch.Tensor) -> torch.Tensor:
     """Math dtype: fp32, or fp64 for fp64 sources (EXPANSION_SPEC section 8)."""
     return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+
+
+def _embed(reader: CheckpointReader) -> torch.Tensor:
+    """The source embedding; at TP 1 the memory-mapped tensor itself (no copy of V x h)."""
+    if reader.tp == 1:
+        t = reader.file_state(arch.embed_index())[0][arch.EMBED_KEY]
+        if tuple(t.shape) == (reader.shape.padded_vocab_size, reader.shape.hidden_size):
+            return t
+    return reader.embed()
 
 
 def _maps_npz(plan: ExpansionPlan) -> bytes:
@@ -92,7 +103,9 @@ def expand_checkpoint(src, src_configs, dst_configs, out, options: ExpandOptions
         raise UserError(f"--out {out} is (inside) the source checkpoint {src}; write the expansion elsewhere")
     check_destination(out, force)
     record = _record(plan, reader, src, src_configs, dst_configs)
-    run_plan(plan, reader, out, force=force, quiet=quiet, record=record)
+    with ThreadPoolExecutor(1) as pool:  # hashing the source overlaps the expansion (hashlib releases the GIL)
+        pending = {"source_sha256": pool.submit(reader.sha256)}
+        run_plan(plan, reader, out, force=force, quiet=quiet, record=record, pending=pending, configs=_paths(dst_configs))
     return record
 
 
@@ -101,7 +114,7 @@ def _record(plan: ExpansionPlan, reader: CheckpointReader, src, src_configs, dst
            "command_line": shlex.join(sys.argv), "source_checkpoint": str(Path(src).resolve()),
            "source_tag": reader.tag, "source_iteration": reader.iteration,
            "source_configs": [str(p) for p in _paths(src_configs)], "target_configs": [str(p) for p in _paths(dst_configs)],
-           "source_sha256": reader.sha256()}
+           "source_sha256": None}
     rec.update(plan.summary())
     npz = _maps_npz(plan)
     rec["maps_file"] = MAPS_FILE
@@ -109,40 +122,70 @@ def _record(plan: ExpansionPlan, reader: CheckpointReader, src, src_configs, dst
     return rec
 
 
+class _Saver:
+    """At most one save in flight on a worker thread (torch.save and the file writes release the GIL)."""
+
+    def __init__(self, pool: ThreadPoolExecutor):
+        self.pool = pool
+        self.job: Future | None = None
+
+    def __call__(self, fn, *args) -> None:
+        self.wait()
+        self.job = self.pool.submit(fn, *args)
+
+    def wait(self) -> None:
+        if self.job is not None:
+            job, self.job = self.job, None
+            job.result()
+
+
 def run_plan(plan: ExpansionPlan, reader: CheckpointReader, out: str | Path, *, force: bool = False, quiet: bool = False,
-             record: dict | None = None, configs: Sequence[str | Path] | None = None) -> Path:
-    """Execute a plan against an open reader; writes `out` atomically."""
+             record: dict | None = None, pending: dict[str, Future] | None = None,
+             configs: Sequence[str | Path] | None = None) -> Path:
+    """Execute a plan against an open reader; writes `out` atomically.
+
+    `record` (the expansion.json content) is completed with the results of `pending` at the end.
+    """
     from tqdm import tqdm
 
     dst, opt = plan.dst, plan.options
     dtype = getattr(torch, plan.dtype)
-    extra = {MANIFEST: json.dumps(record, indent=1, default=str) + "\n"} if record is not None else {}
     bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="expand", disable=quiet, file=sys.stderr)
-    with bar, CheckpointWriter(out, dst, force=force, configs=configs, extra_files=extra) as w:
-        def step(index):
+    with bar, CheckpointWriter(out, dst, force=force, configs=configs) as w, ThreadPoolExecutor(1) as pool:
+        save = _Saver(pool)  # the next part is computed while the previous one is saved
+
+        def write_part(write, tensor, index):
+            write(tensor)
             bar.update(plan.file_bytes[index])
 
-        u0 = _units(plan, 0)
-        w.write_embed(ops.widen_rows_out_h(reader.embed(), u0.hidden, u0.alpha, dst.padded_vocab_size, dtype))
-        step(arch.embed_index())
-        cur = reader.layer(0)
-        for layer in range(plan.src.num_layers):
-            top = layer == plan.src.num_layers - 1
-            upper = None if top else reader.layer(layer + 1)
-            wide = ops.widen_layer(cur, upper if opt.method == "aki" else None, _units(plan, layer),
-                                   aki_second=opt.aki_second, aki_hidden=opt.aki_hidden, out_dtype=dtype)
+        def write_targets(layer: int, wide: dict[str, torch.Tensor]) -> None:
             for t in plan.targets_of(layer):
                 zero = plan.added[t] and opt.new_layer_init == "zero_out"
                 w.write_layer(t, ops.zero_out(wide) if zero else wide)
-                step(arch.layer_index(t))
+                bar.update(plan.file_bytes[arch.layer_index(t)])
+
+        u0 = _units(plan, 0)
+        save(write_part, w.write_embed, ops.widen_rows_out_h(_embed(reader), u0.hidden, u0.alpha, dst.padded_vocab_size,
+                                                              dtype), arch.embed_index())
+        cur = reader.layer(0)
+        for layer in range(plan.src.num_layers):
+            upper = reader.layer(layer + 1) if layer + 1 < plan.src.num_layers else None
+            wide = ops.widen_layer(cur, upper if opt.method == "aki" else None, _units(plan, layer),
+                                   aki_second=opt.aki_second, aki_hidden=opt.aki_hidden, out_dtype=dtype)
+            save(write_targets, layer, wide)
             del wide
             cur = upper
-        w.write_final_norm(ops.norm_h(_work(reader.final_norm()), u0.hidden, u0.alpha).to(dtype))
-        step(arch.final_norm_index(dst.num_layers))
-        w.write_head(ops.widen_rows_in_h(reader.head(), u0.hidden, dst.padded_vocab_size, dtype))
-        step(arch.head_index(dst.num_layers))
+        norm = ops.norm_h(_work(reader.final_norm()), u0.hidden, u0.alpha).to(dtype)
+        save(write_part, w.write_final_norm, norm, arch.final_norm_index(dst.num_layers))
+        head = ops.widen_rows_in_h(reader.head(), u0.hidden, dst.padded_vocab_size, dtype)
+        save(write_part, w.write_head, head, arch.head_index(dst.num_layers))
+        del head
+        save.wait()
         if w.root is not None:
             (w.root / MAPS_FILE).write_bytes(_maps_npz(plan))
+        if record is not None:
+            record.update({key: fut.result() for key, fut in (pending or {}).items()})
+            w.extra_files[MANIFEST] = json.dumps(record, indent=1, default=str) + "\n"
     return Path(out)
 
 
