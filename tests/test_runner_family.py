@@ -16,6 +16,7 @@ from runner_util import FAST, cli_process, prepare_tiny_data, write_family
 from train_util import checksums
 
 from neox_progressive.cli import main
+from neox_progressive.commands.demo import FAMILY_FILE
 from neox_progressive.family import load_family, member_dirs
 from neox_progressive.runner.state import RunState
 from neox_progressive.train import expanded_loss, read_metrics, read_settings
@@ -227,3 +228,14 @@ def test_wandb_every_stage_logs_into_the_configured_group(data, tmp_path, monkey
     (tmp_path / "one.yml").write_text(yaml.safe_dump(cfg))
     train_stage([tmp_path / "one.yml"], device="cpu", quiet=True)
     assert seen["group"] == "tiny-family-7" and seen["project"] == "proj" and seen["name"] == settings[0]["name"]
+
+
+def test_a_pair_the_expansion_cannot_grow_stops_before_training(data, tmp_path, capsys):
+    raw = yaml.safe_load(FAMILY_FILE.read_text())
+    members = raw["members"]
+    members[2] = {**members[2], "num_heads": 16, "num_kv_heads": 8}   # head_dim 8 (m) -> 4 (l)
+    fam = write_family(tmp_path / "family.yml", data, tmp_path / "out", **FAST, members=members)
+    assert main(["run", str(fam), "--engine", "builtin", "--device", "cpu", "--no-eval", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "member l cannot be expanded from m" in err and "head_dim" in err
+    assert not (tmp_path / "out").exists()
