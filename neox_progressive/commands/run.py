@@ -28,11 +28,12 @@ from neox_progressive.errors import UserError
 
 HELP = "train a family: expand -> train -> stage-start check per member, then evaluate (resumable)"
 EXAMPLES = """
+  neox-progressive prepare-data --family configs/neox/tiny_family.yml     # its data (stdlib text) and windows
   neox-progressive run configs/neox/tiny_family.yml --engine builtin
   neox-progressive run configs/neox/tiny_family.yml --engine builtin --mode both     # progressive and independent
-  neox-progressive run configs/neox/family_2x_chinchilla.yml --engine neox --neox-dir ~/gpt-neox --dry-run
-  neox-progressive run configs/neox/family_2x_chinchilla.yml --engine neox --neox-dir ~/gpt-neox \\
-      --neox-launcher-args "--hostfile /job/hostfile"
+  neox-progressive run configs/neox/paper_2x_chinchilla.yml --engine neox --neox-dir ~/gpt-neox --dry-run
+  neox-progressive run configs/neox/paper_2x_chinchilla.yml --engine neox --neox-dir ~/gpt-neox \\
+      --neox-python ~/neox-env/bin/python --neox-launcher-args="--hostfile /job/hostfile"
 """
 
 

@@ -85,7 +85,7 @@ def evaluate_runs(family, runs: list, *, quiet: bool = False, device: str | None
 
             settings.include_paths = [*settings.include_paths, str(write_example_tasks(tasks_dir))]
         results = evaluate_family(members, settings, log=log)
-    results["command"] = "neox-progressive run " + " ".join(sys.argv[2:])
+    results["command"] = "neox-progressive " + " ".join(sys.argv[1:])
     with AtomicDir(out, force=True) as tmp:
         write_report(results, tmp)
     state.record("eval", [out], {"inputs": inputs})
