@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from family_util import changed, paper_family, write_family
+from family_util import CONFIGS, changed, paper_family, write_family
 
 from neox_progressive.errors import UserError
 from neox_progressive.family import load_family, plan_family
@@ -104,3 +104,17 @@ def test_missing_blocks_and_bad_yaml(tmp_path):
         load_family(tmp_path / "bad.yml")
     with pytest.raises(UserError, match="does not exist"):
         load_family(tmp_path / "missing.yml")
+
+
+def test_generate_configs_refuses_a_pair_the_expansion_cannot_grow(tmp_path):
+    """head_dim 8 (m) -> 4 (l): caught when the progressive configs are generated, before anything trains."""
+    from neox_progressive.family import generate_configs, load_family
+
+    fam = load_family(CONFIGS / "tiny_family.yml", {"members": [
+        {"name": "s", "hidden_size": 32, "ffn_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "global_batch": 8},
+        {"name": "l", "hidden_size": 64, "ffn_size": 128, "num_layers": 4, "num_heads": 16, "num_kv_heads": 8,
+         "global_batch": 16}]})
+    with pytest.raises(UserError, match="member l cannot be expanded from s: .*head_dim"):
+        generate_configs(fam, tmp_path / "cfg", "progressive", plot=False)
+    assert not (tmp_path / "cfg").exists()
+    generate_configs(fam, tmp_path / "ind", "independent", plot=False)  # from scratch: no expansion, fine

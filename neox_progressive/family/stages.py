@@ -132,6 +132,21 @@ def stage_config(family: Family, plan: Plan, member_name: str, stage_dir: Path |
     return cfg
 
 
+def check_expansions(family: Family) -> None:
+    """Plan every expansion member k-1 -> k from the shapes alone (no tensors; see neox_progressive.expand), so a
+    pair the expansion cannot grow (head_dim changes, a GQA layout it refuses, ...) is an error before anything
+    trains or is written."""
+    from neox_progressive.expand import ExpandOptions
+    from neox_progressive.expand.plan import plan_expansion
+
+    options = ExpandOptions.from_dict(dict(family.expansion or {}))
+    for a, b in zip(family.members, family.members[1:]):
+        try:
+            plan_expansion(a.shape(), b.shape(), options, stage=f"{a.name}->{b.name}")
+        except UserError as exc:
+            raise UserError(f"{family.path}: member {b.name} cannot be expanded from {a.name}: {exc}") from None
+
+
 def _kl_hook(family: Family, mode: str, previous: str, root: Path, stage_dir: Path) -> dict[str, Any]:
     from neox_progressive.eval.neox_hook import hook_config
 
@@ -173,6 +188,8 @@ def generate_configs(family: Family, out_dir: str | Path, mode: str | None = Non
 
     mode = mode or family.mode
     plan = plan_family(family, mode)
+    if mode == "progressive":
+        check_expansions(family)
     out_dir = Path(out_dir)
     files = {out_dir / f"stage_{m.name}.yml": dump_stage(family, plan, m.name, out_dir.resolve()) for m in family.members}
     independent = plan if mode == "independent" else plan_family(family, "independent")

@@ -80,19 +80,10 @@ class FamilyRun:
             self.check_expansions()
 
     def check_expansions(self) -> None:
-        """Plan every expansion of the family from the shapes alone (no tensors), so that a pair the
-        expansion cannot grow stops the run before the first member trains, not after it."""
-        from neox_progressive.errors import UserError as _UserError
-        from neox_progressive.expand import ExpandOptions
-        from neox_progressive.expand.plan import plan_expansion
+        """Every expansion of the family planned from the shapes, before the first member trains."""
+        from neox_progressive.family.stages import check_expansions
 
-        options = ExpandOptions.from_dict(dict(getattr(self.family, "expansion", None) or {}))
-        members = self.family.members
-        for a, b in zip(members, members[1:]):
-            try:
-                plan_expansion(a.shape(), b.shape(), options, stage=f"{a.name}->{b.name}")
-            except _UserError as exc:
-                raise UserError(f"{self.family.path}: member {b.name} cannot be expanded from {a.name}: {exc}") from None
+        check_expansions(self.family)
 
     # ---- paths --------------------------------------------------------------------------------------
     def dirs(self, member: str):
