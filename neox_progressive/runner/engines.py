@@ -107,25 +107,23 @@ class NeoXEngine:
         cfg = merge_neox_configs([stage_yaml])
         target = int(cfg.get("train_iters") or 0)
         run_yaml = stage_yaml
+        log = log_dir / f"{Path(stage_yaml).stem}.neox.log"
         if it is not None and it >= target > 0:
-            return TrainResult(save, log=None)
+            return TrainResult(save, log=log if log.is_file() else None)
         if it:  # interrupted earlier: continue from the stage's own checkpoint
             run_yaml = resume_yaml(stage_yaml, save)
         log_dir.mkdir(parents=True, exist_ok=True)
-        log = log_dir / f"{Path(stage_yaml).stem}.neox.log"
         env = {**os.environ, **self.env}
         with log.open("a") as fh:
             fh.write(f"\n# {self.command(run_yaml)}\n")
             fh.flush()
             proc = subprocess.Popen(self._argv(run_yaml), cwd=self.neox_dir, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if "--megatron_config" in line:  # deepy's base64 argv: megabytes of noise
-                    line = line[:200] + " ...\n"
-                fh.write(line)
-                if not quiet and ("iteration" in line or "error" in line.lower()):
-                    print(line.rstrip()[:300], file=sys.stderr)
+                                    stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+            try:
+                self._follow(proc, fh, quiet, callback)
+            except BaseException:
+                _stop(proc)  # the callback stopped the stage (or Ctrl-C): NeoX and its workers go too
+                raise
             code = proc.wait()
         if code != 0:
             raise UserError(f"NeoX training of {stage_yaml} failed with exit status {code}; see {log}")
@@ -135,6 +133,40 @@ class NeoXEngine:
         if target and it < target:
             raise UserError(f"NeoX stopped at iteration {it} of {target} for {stage_yaml}; see {log}")
         return TrainResult(save, log=log)
+
+
+    @staticmethod
+    def _follow(proc: subprocess.Popen, fh, quiet: bool, callback: Callable[[dict], None] | None) -> None:
+        """Copy NeoX's output into the log; training lines go to `callback` as metrics records."""
+        from neox_progressive.train.start_check import parse_neox_losses
+
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "--megatron_config" in line:  # deepy's base64 argv: megabytes of noise
+                line = line[:200] + " ...\n"
+            fh.write(line)
+            if not quiet and ("iteration" in line or "error" in line.lower()):
+                print(line.rstrip()[:300], file=sys.stderr)
+            if callback is not None and "lm_loss" in line:
+                for it, loss in parse_neox_losses(line):
+                    fh.flush()
+                    callback({"kind": "train", "iteration": it, "loss": loss})
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to NeoX's process group (deepy, the launcher, the workers), SIGKILL after 30 s."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 class BuiltinEngine:

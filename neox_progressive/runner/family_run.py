@@ -197,7 +197,8 @@ class FamilyRun:
         loss = expanded_loss(expanded_dir, [yml], device=self.device)
         vocab = shape.padded_vocab_size or 0
         _log(f"{name}: the expanded checkpoint's held-out loss is {loss:.4f} (random init: about ln V)", self.quiet)
-        return _LiveStartCheck(name, loss, vocab, quiet=self.quiet)
+        return _LiveStartCheck(name, loss, vocab, quiet=self.quiet, first_iteration=read_settings([yml]).log_interval
+                               if self.engine.name == "neox" else 1)
 
     def _summary(self, name: str, result: TrainResult) -> dict[str, Any]:
         from neox_progressive.train import read_metrics
@@ -253,15 +254,17 @@ class _LiveStartCheck:
     """The stage-start check, fed with the training records as they come (builtin engine), or with
     the NeoX log after the stage (NeoX engine)."""
 
-    def __init__(self, member: str, expanded: float, vocab: int, quiet: bool, n_first: int = 5):
+    def __init__(self, member: str, expanded: float, vocab: int, quiet: bool, n_first: int = 5, first_iteration: int = 1):
         self.member, self.expanded, self.vocab, self.quiet, self.n_first = member, expanded, vocab, quiet, n_first
+        self.first_iteration = first_iteration
+        """The iteration of the first logged loss: 1 for the builtin engine, log_interval for NeoX."""
         self.losses: list[float] = []
         self.result = None
 
     def callback(self, record: dict) -> None:
         if record.get("kind") != "train" or self.result is not None:
             return
-        if record.get("iteration") == 1:
+        if record.get("iteration") == self.first_iteration:
             self.losses = []
         elif not self.losses:
             return  # resumed past the first iterations: `finish` reads them from the metrics file
