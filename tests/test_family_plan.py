@@ -116,7 +116,7 @@ def test_data_windows_progressive_fixed_independent(tmp_path):
         length = neox_window_tokens(r.train_iters, r.global_batch, 1024)
         assert r.window_tokens == length and r.data_windows == [[pos, pos + length]]
         assert length >= r.realized_tokens + 1
-        assert r.train_data_path.endswith(f"data/train.{r.name}")
+        assert r.train_data_path.endswith(f"data/train.{fam.name}.{r.name}")
         pos += length
     assert plan.stream_tokens == pos
 
@@ -133,7 +133,10 @@ def test_data_windows_progressive_fixed_independent(tmp_path):
 
     ind = plan_family(fam, "independent")
     assert [r.data_windows for r in ind.rows] == [[[0, r.window_tokens]] for r in ind.rows]
-    assert all(".independent." in r.train_data_path for r in ind.rows)
+    assert all(r.train_data_path.endswith(f".{fam.name}.independent.{r.name}") for r in ind.rows)
+    # the family name is in the window names: two families on one dataset never cut over each other
+    other = plan_family(load_family(write_family(tmp_path, {**paper_family(40), "name": "other"}, "other.yml")), "progressive")
+    assert not {r.train_data_path for r in other.rows} & {r.train_data_path for r in plan_family(fam, "progressive").rows}
 
 
 def test_member_dirs_and_overrides(tmp_path):

@@ -16,7 +16,8 @@ stream that follows the windows of members < k; each window is `neox_window_toke
 global_batch, seq_length)` long (NeoX asks for 0.5% more samples than it trains on), so the stream
 advances by that length. With `fixed_data` the stream is capped at the largest member's scratch
 tokens and a window that crosses the cap wraps to its start. Independent mode: every member starts
-at 0 and reads its own dataset `<train prefix>.independent.<member>`.
+at 0 and reads its own dataset `<train prefix>.<family>.independent.<member>` (progressive:
+`<train prefix>.<family>.<member>`).
 """
 
 from __future__ import annotations
@@ -174,7 +175,10 @@ def _windows(starts_at: int, length: int, cap: int | None) -> list[list[int]]:
 
 
 def _train_data_path(family: Family, mode: str, member: Member) -> str:
-    return f"{family.data.train}.{member.name}" if mode == "progressive" else f"{family.data.train}.{mode}.{member.name}"
+    """`<train prefix>.<family>.<member>` (independent: `<train prefix>.<family>.independent.<member>`): families
+    that share a training dataset cut their own windows side by side."""
+    base = f"{family.data.train}.{family.name}"
+    return f"{base}.{member.name}" if mode == "progressive" else f"{base}.{mode}.{member.name}"
 
 
 def plan_family(family: Family, mode: str | None = None) -> Plan:

@@ -8,7 +8,7 @@ stage_<name>.yml` (builtin engine) trains the member. What each stage holds:
 - train_iters = ceil(tokens / (global batch x seq)), lr_decay_iters = train_iters, NeoX's warmup
   fraction, cosine by default, max LR in optimizer.params.lr, min_lr;
 - bf16 with a zero_optimization block and data_types.grad_accum_dtype fp32 (NEOX_FACTS section 6);
-- data: the member's window dataset (`<train prefix>.<member>`), validation/test prefixes, mmap;
+- data: the member's window dataset (`<train prefix>.<family>.<member>`), validation/test prefixes, mmap;
 - `save` = <output_dir>/<mode>/<member>/checkpoints with checkpoint_factor; for member k > 1 of a
   progressive family `load` = its expanded dir and `finetune: true` (never `no_load_optim`);
 - use_wandb always explicit; wandb_group exactly as configured;
