@@ -82,19 +82,12 @@ def test_tiny_family_first_stage_trains_in_neox(tmp_path):
     import math
     import re
 
-    from neox_run import CPU_KEYS, run_neox
-    from train_util import make_data
+    from neox_run import run_neox
 
     from neox_progressive.data import cut_member_windows
     from neox_progressive.io.reader import CheckpointReader
 
-    data = make_data(tmp_path / "data", n_chars=80_000, vocab=512)
-    cpu = {k: v for k, v in CPU_KEYS.items() if k not in ("precision", "use_wandb")}  # the family sets these itself
-    fam = load_family(CONFIGS / "tiny_family.yml", {
-        "output_dir": str(tmp_path / "runs"), "data": {"train": data["train"], "valid": data["valid"]},
-        "shared": {"vocab_file": data["tokenizer"], **cpu}, "budget": {"tokens_per_param": 0.2},
-        "training": {"lr": {"warmup": 0.1}, "eval_interval": 10}})
-    generate_configs(fam, tmp_path / "cfg", plot=False)
+    fam = _cpu_tiny_family(tmp_path, eval_interval=10)
     first = plan_family(fam).rows[0]
     cut_member_windows(fam.data.train, [first.__dict__])
     log = run_neox("train.py", tmp_path / "cfg" / "stage_s.yml", log=tmp_path / "neox.log", timeout=900)
@@ -138,8 +131,7 @@ def test_second_stage_finetunes_from_its_expanded_dir_in_neox(tmp_path):
     from its weights (marked: final norm 3.0, where NeoX's own init would be 1.0) and saves to its checkpoints dir."""
     import re
 
-    from neox_run import CPU_KEYS, run_neox
-    from train_util import make_data
+    from neox_run import run_neox
 
     from neox_progressive.data import cut_member_windows
     from neox_progressive.family import member_dirs
@@ -147,13 +139,7 @@ def test_second_stage_finetunes_from_its_expanded_dir_in_neox(tmp_path):
     from neox_progressive.io.writer import write_checkpoint
     from neox_progressive.model import Transformer, init_weights
 
-    data = make_data(tmp_path / "data", n_chars=80_000, vocab=512)
-    cpu = {k: v for k, v in CPU_KEYS.items() if k not in ("precision", "use_wandb")}
-    fam = load_family(CONFIGS / "tiny_family.yml", {
-        "output_dir": str(tmp_path / "runs"), "data": {"train": data["train"], "valid": data["valid"]},
-        "shared": {"vocab_file": data["tokenizer"], **cpu}, "budget": {"tokens_per_param": 0.2},
-        "training": {"lr": {"warmup": 0.1}, "eval_interval": 1000}})
-    generate_configs(fam, tmp_path / "cfg", plot=False)
+    fam = _cpu_tiny_family(tmp_path, eval_interval=1000)
     row = plan_family(fam).rows[1]
     cut_member_windows(fam.data.train, [row.__dict__])
     shape = fam.members[1].shape()
@@ -169,3 +155,19 @@ def test_second_stage_finetunes_from_its_expanded_dir_in_neox(tmp_path):
     norm = trained["final_norm.weight"].float()
     assert (norm - 3.0).abs().max() < 0.6  # trained from our weights (NeoX's init: 1.0)...
     assert float((trained["embed.weight"].float() - start["embed.weight"]).abs().max()) > 0  # ...and trained
+
+
+def _cpu_tiny_family(tmp_path, eval_interval: int):
+    """The tiny family on fresh stdlib data with NeoX's CPU keys merged into `shared` (one stage file each), its
+    stage configs generated into tmp_path/cfg."""
+    from neox_run import CPU_KEYS
+    from train_util import make_data
+
+    data = make_data(tmp_path / "data", n_chars=80_000, vocab=512)
+    cpu = {k: v for k, v in CPU_KEYS.items() if k not in ("precision", "use_wandb")}  # the family sets these itself
+    fam = load_family(CONFIGS / "tiny_family.yml", {
+        "output_dir": str(tmp_path / "runs"), "data": {"train": data["train"], "valid": data["valid"]},
+        "shared": {"vocab_file": data["tokenizer"], **cpu}, "budget": {"tokens_per_param": 0.2},
+        "training": {"lr": {"warmup": 0.1}, "eval_interval": eval_interval}})
+    generate_configs(fam, tmp_path / "cfg", plot=False)
+    return fam
