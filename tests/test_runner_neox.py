@@ -4,6 +4,7 @@ member 2's first logged NeoX loss is the expanded checkpoint's loss computed by 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -24,6 +25,7 @@ from neox_progressive.runner.family_run import FamilyRun
 from neox_progressive.train import parse_neox_losses
 
 pytestmark = [pytest.mark.neox, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def neox_sample(prefix: str, i: int) -> np.ndarray:
@@ -43,20 +45,28 @@ def neox_sample(prefix: str, i: int) -> np.ndarray:
     return np.concatenate(parts + [np.asarray(ds[doc_idx[dl]][: ol + 1])])
 
 
-def test_two_member_family_with_the_neox_engine(tmp_path):
+def run_family(tmp_path, neox: Path, training: dict | None = None, **over) -> tuple[FamilyRun, dict]:
+    """The tiny family's first two members, trained progressively by NeoX (CPU shim) through the runner."""
     data = prepare_tiny_data(tmp_path / "data")
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "neox_progressive" / "examples" / "tiny_family.yml").read_text())
     cpu = {k: v for k, v in CPU_KEYS.items() if k not in ("precision", "use_wandb")}
     fam_file = write_family(tmp_path / "family.yml", data, tmp_path / "out", members=raw["members"][:2],
                             budget={"tokens_per_param": 0.5}, shared=cpu,
-                            training={"log_interval": 1, "eval_interval": 1000, "checkpoint_interval": 1000})
+                            training={"log_interval": 1, "eval_interval": 1000, "checkpoint_interval": 1000,
+                                      **(training or {})}, **over)
     family = load_family(fam_file)
     py = neox_python()
-    env = {"NEOX_CPU_SHIM": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(shim_dir()), "WANDB_MODE": "offline",
-           "TORCH_EXTENSIONS_DIR": str(Path(py).parent.parent / "ext"),
+    # the repository on NeoX's path too: the eval hook imports neox_progressive inside NeoX
+    env = {"NEOX_CPU_SHIM": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": f"{shim_dir()}{os.pathsep}{ROOT}",
+           "WANDB_MODE": "offline", "TORCH_EXTENSIONS_DIR": str(Path(py).parent.parent / "ext"),
            "PATH": f"{Path(py).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    run = FamilyRun(family, "progressive", NeoXEngine(neox_dir(), python=py, env=env), quiet=True, device="cpu")
-    results = run.run()
+    run = FamilyRun(family, "progressive", NeoXEngine(neox, python=py, env=env), quiet=True, device="cpu")
+    return run, run.run()
+
+
+def test_two_member_family_with_the_neox_engine(tmp_path):
+    run, results = run_family(tmp_path, neox_dir())
+    family = run.family
     for name in ("s", "m"):
         save = Path(results[f"{name}/train"]["checkpoint"])
         assert CheckpointReader(save, family.member(name).shape()).iteration > 0
@@ -75,3 +85,21 @@ def test_two_member_family_with_the_neox_engine(tmp_path):
     assert abs(first[1] - ref) < 1e-3, (first, ref, check)
     print("NeoX first loss", first, "expanded (train window)", ref, "(held out)", check["expanded_loss"], "ln V", math.log(512))
     assert math.log(512) - first[1] > 1.0 and check["verdict"] == "expanded"
+
+
+def test_kl_to_the_previous_member_logged_by_a_patched_neox(tmp_path):
+    """eval.neox_kl_hook through the runner: the generated stage of member 2 carries the hook (patch 0003), and a
+    patched NeoX logs the KL to member 1 at every evaluation."""
+    import shutil
+
+    from neox_progressive.cli import main
+
+    neox = tmp_path / "neox"
+    shutil.copytree(neox_dir(), neox, ignore=shutil.ignore_patterns(".git", "__pycache__"))
+    assert main(["neox-patch", "--neox-dir", str(neox)]) == 0
+    run, results = run_family(tmp_path, neox, training={"eval_interval": 10}, eval={"neox_kl_hook": True})
+    log = (tmp_path / "out" / "progressive" / "logs" / "stage_m.neox.log").read_text()
+    assert "kl_previous_member value:" in log
+    rows = [json.loads(x) for x in (run.dirs("m").root / "kl_to_previous.jsonl").read_text().splitlines()]
+    assert rows and rows[0]["iteration"] == 10 and all(r["kl_previous_member"] > 0 for r in rows)
+    assert results["m/train"]["start_check"]["verdict"] == "expanded"
