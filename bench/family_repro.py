@@ -96,9 +96,11 @@ def reach_flops(curve: dict, target: float) -> float | None:
     """The first cumulative FLOPs at which `curve` reaches loss <= target (linear between evaluations)."""
     pts = list(zip(curve["flops"], curve["loss"]))
     for (f0, l0), (f1, l1) in zip(pts, pts[1:]):
-        if l1 <= target:
-            return f1 if l0 == l1 else f0 + (f1 - f0) * (l0 - target) / (l0 - l1) if l0 > target else f0
-    return None
+        if l0 <= target:
+            return f0
+        if l1 <= target:  # l0 > target >= l1
+            return f0 + (f1 - f0) * (l0 - target) / (l0 - l1)
+    return pts[-1][0] if pts and pts[-1][1] <= target else None
 
 
 def report(args, results: dict, names: list[str], plan_saving: float) -> str:

@@ -36,3 +36,24 @@ def test_steps_are_redone_when_outputs_change_or_vanish(tmp_path):
     again.forget("1B/train")
     assert "1B/train" not in RunState(tmp_path / "state.json").steps
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_save_dir_is_digested_as_its_latest_checkpoint(tmp_path):
+    """A NeoX save dir counts by `latest` and the model files of the tag it names: earlier checkpoints and optimizer
+    states do not change it (and are not re-read); the final model files and `latest` do."""
+    save = tmp_path / "ck"
+    for step in (10, 20):
+        (save / f"global_step{step}").mkdir(parents=True)
+        (save / f"global_step{step}" / "layer_02-model_00-model_states.pt").write_bytes(b"w%d" % step)
+        (save / f"global_step{step}" / "mp_rank_00_model_states.pt").write_bytes(b"m%d" % step)
+    (save / "latest").write_text("global_step20")
+    first = digest(save)
+    (save / "global_step10" / "layer_02-model_00-model_states.pt").write_bytes(b"changed")
+    (save / "global_step20" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"optimizer")
+    assert digest(save) == first
+    (save / "global_step20" / "layer_02-model_00-model_states.pt").write_bytes(b"changed")
+    assert digest(save) != first
+    (save / "global_step20" / "layer_02-model_00-model_states.pt").write_bytes(b"w20")
+    assert digest(save) == first
+    (save / "latest").write_text("global_step10")
+    assert digest(save) != first

@@ -88,14 +88,8 @@ def run(args) -> int:
         r.run()
     _say("4. evaluating both families")
     report = evaluate.evaluate_runs(family, runs, quiet=args.quiet, device=args.device)
-    results = {r.mode: r.results for r in runs}
-    names = runs[0].names
-    plot = summary.plot_loss_vs_flops(summary.loss_curves(results, names), out / "loss_vs_flops.png")
+    results, names, plot = summary.summarize(runs, out / "loss_vs_flops.png")
     print("\nfinal validation losses:")
-    print(summary.members_table(results, names))
-    if plot:
-        print(f"\nvalidation loss vs cumulative FLOPs: {plot}")
-    if report:
-        print(f"evaluation report (perplexity, KL, speculative decoding): {report / 'report.md'}")
+    print(summary.summary_text(results, names, plot, report))
     print("demo OK")
     return 0

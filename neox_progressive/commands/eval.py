@@ -104,38 +104,38 @@ def settings_from(args) -> EvalSettings:
         device=args.device, dtype=args.dtype, skip=skip, quiet=args.quiet)
 
 
-def members_from(args) -> list[Member]:
+def members_from(args, s: EvalSettings) -> list[Member]:
+    """The members to evaluate: a family file's trained members (its held-out data unless --data/--text), or --member."""
     if args.family:
         if args.member:
             raise UserError("pass either a family file or --member specs, not both")
-        return family_members(args.family)
+        from neox_progressive.family import load_family
+
+        family = load_family(args.family)
+        if not (s.data or s.text):
+            s.data = str(family.data.valid)
+        return family_members(family)
     if not args.member:
         raise UserError("no members: pass a family file, or --member [FAMILY/]NAME=CHECKPOINT_DIR:CONFIG.yml for each, "
                         "small to large")
     return [Member.parse(spec) for spec in args.member]
 
 
-def family_members(path: str) -> list[Member]:
-    """The trained members of a family file's run (`neox-progressive run`), for every mode that has them."""
-    from neox_progressive.family import load_family
-    from neox_progressive.runner.family_run import MODES, stage_yaml_of
+def family_members(family) -> list[Member]:
+    """The trained members of a family's run (`neox-progressive run`), for every mode that has them."""
+    from neox_progressive.family import MODES, member_dirs
+    from neox_progressive.runner.family_run import stage_yaml_of
 
-    family = load_family(path)
     members = []
     for mode in MODES:
-        found = [(m.name, stage_yaml_of(family, mode, m.name)) for m in family.members]
-        found = [(n, y) for n, y in found if y.is_file() and (_save_dir(y) / "latest").is_file()]
-        members += [Member(name=n, checkpoint=_save_dir(y), configs=[y], family=mode) for n, y in found]
+        for m in family.members:
+            save, yml = member_dirs(family, mode, m.name).checkpoints, stage_yaml_of(family, mode, m.name)
+            if yml.is_file() and (save / "latest").is_file():
+                members.append(Member(name=m.name, checkpoint=save, configs=[yml], family=mode))
     if not members:
-        raise UserError(f"{path}: no trained members under {family.output_dir} (run `neox-progressive run {path}` first, "
-                        "or list checkpoints with --member)")
+        raise UserError(f"{family.path}: no trained members under {family.output_dir} (run `neox-progressive run "
+                        f"{family.path}` first, or list checkpoints with --member)")
     return members
-
-
-def _save_dir(stage_yaml: Path) -> Path:
-    from neox_progressive.runner.engines import stage_save_dir
-
-    return stage_save_dir(stage_yaml)
 
 
 def dry_run(members: list[Member], s: EvalSettings) -> None:
@@ -165,11 +165,7 @@ def run(args) -> int:
     if not args.out and not args.dry_run:
         raise UserError("--out is required: the directory for report.md, report.json and the plots")
     s = settings_from(args)
-    members = members_from(args)
-    if args.family and not (s.data or s.text):
-        from neox_progressive.family import load_family
-
-        s.data = str(load_family(args.family).data.valid)  # the family's held-out data
+    members = members_from(args, s)
     if args.dry_run:
         dry_run(members, s)
         return 0

@@ -93,17 +93,11 @@ def run(args) -> int:
     report = None
     if evaluate.enabled(family) and not args.no_eval:
         report = evaluate.evaluate_runs(family, runs, quiet=args.quiet, device=args.device)
-    results = {r.mode: r.results for r in runs}
-    names = runs[0].names
-    plot = summary.plot_loss_vs_flops(summary.loss_curves(results, names), Path(family.output_dir) / "loss_vs_flops.png")
+    results, names, plot = summary.summarize(runs, Path(family.output_dir) / "loss_vs_flops.png")
     if args.format == "json":
         print(json.dumps({"results": results, "report": str(report) if report else None,
                           "plot": str(plot) if plot else None}, indent=2, default=str))
         return 0
-    print(summary.members_table(results, names))
-    if plot:
-        print(f"\nvalidation loss vs FLOPs: {plot}")
-    if report:
-        print(f"evaluation report: {report / 'report.md'}")
+    print(summary.summary_text(results, names, plot, report))
     print(f"state: {', '.join(str(r.state.path) for r in runs)}", file=sys.stderr)
     return 0

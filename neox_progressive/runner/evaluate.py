@@ -14,32 +14,20 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from neox_progressive.errors import UserError
 from neox_progressive.runner.state import RunState, digest
-
-# family-file eval keys that are the runner's, not EvalSettings'
-RUNNER_KEYS = ("enabled", "example_tasks", "neox_kl_hook")
 
 
 def eval_settings(family, quiet: bool, device: str | None):
     from neox_progressive.eval.evaluation import EvalSettings
 
-    cfg = dict(getattr(family, "eval", None) or {})
+    cfg = dict(family.eval)  # keys checked by load_family: EvalSettings fields + the runner's own
     names = {f.name for f in dataclasses.fields(EvalSettings)}
-    unknown = sorted(k for k in cfg if k not in names and k not in RUNNER_KEYS)
-    if unknown:
-        raise UserError(f"eval: unknown key(s) {', '.join(unknown)} in the family file; the keys are "
-                        f"{', '.join(sorted(names | set(RUNNER_KEYS)))}")
     kw = {k: v for k, v in cfg.items() if k in names}
     for k in ("modes", "skip"):
         if k in kw:
             kw[k] = tuple(kw[k])
-    data = getattr(family, "data", None)
-    valid = getattr(data, "valid", None) if data is not None else None
     if "data" not in kw and "text" not in kw:
-        if not valid:
-            raise UserError("the family file names no validation data (data.valid) for the evaluation")
-        kw["data"] = str(valid)
+        kw["data"] = str(family.data.valid)  # required by the family file
     kw.setdefault("device", device or "auto")
     kw["quiet"] = quiet
     settings = EvalSettings(**kw)
@@ -51,7 +39,7 @@ def eval_settings(family, quiet: bool, device: str | None):
 
 
 def enabled(family) -> bool:
-    return bool((getattr(family, "eval", None) or {}).get("enabled", True))
+    return bool(family.eval.get("enabled", True))
 
 
 def evaluate_runs(family, runs: list, *, quiet: bool = False, device: str | None = None) -> Path | None:

@@ -6,10 +6,10 @@ data window, and then for every member in order:
 1. `expand` (progressive, member k > 1): grow member k-1's final checkpoint into member k's
    `load` dir with the family's expansion options (bert2BERT AKI by default);
 2. `train`: the engine trains the stage YAML (NeoX in a subprocess, or the builtin engine);
-3. `start-check` (progressive, k > 1): the expanded checkpoint's held-out loss, computed with the
-   reference model before training, against the first logged training losses: a stage that
-   starts like a random initialization stops the run (see `neox_progressive.train.start_check`).
-   With the builtin engine the check runs live, after the first iterations.
+3. `start-check` (progressive, k > 1, during `train`): the expanded checkpoint's held-out loss,
+   computed with the reference model before training, against the first logged training losses,
+   read as the engine logs them: a stage that starts like a random initialization is stopped at
+   once (see `neox_progressive.train.start_check`).
 
 Then `eval` scores every trained member (perplexity, adjacent-pair KL, speculative decoding, the
 family file's lm-eval tasks) into `<output_dir>/report/`.
@@ -47,7 +47,9 @@ class Step:
     name: str
     describe: str
     inputs: Callable[[], dict[str, Any]]
-    action: Callable[[], dict[str, Any]]
+    """Digests of what the step reads; computed once per run of the step."""
+    action: Callable[[dict[str, Any]], dict[str, Any]]
+    """Does the work, given the inputs; returns the info to record."""
     outputs: list[Path] = field(default_factory=list)
     command: str = ""
 
@@ -76,14 +78,10 @@ class FamilyRun:
         self.configs_dir = self.root / "configs"
         self.state = RunState(self.root / "state.json")
         self.results: dict[str, dict[str, Any]] = {}
-        if mode == "progressive":
-            self.check_expansions()
+        if mode == "progressive":  # every expansion planned from the shapes, before the first member trains
+            from neox_progressive.family.stages import check_expansions
 
-    def check_expansions(self) -> None:
-        """Every expansion of the family planned from the shapes, before the first member trains."""
-        from neox_progressive.family.stages import check_expansions
-
-        check_expansions(self.family)
+            check_expansions(family)
 
     # ---- paths --------------------------------------------------------------------------------------
     def dirs(self, member: str):
@@ -110,22 +108,11 @@ class FamilyRun:
     def _cut_windows(self) -> None:
         from neox_progressive.data import cut_member_windows, dataset_exists
 
-        rows = [r for r in self.plan_rows() if r.get("train_data_path") and r.get("data_windows")]
-        src = self.train_prefix()
-        if not rows or src is None:
-            return
+        src = self.family.data.train
         if not dataset_exists(src):
             raise UserError(f"the family's training data {src}.bin/.idx does not exist; make it with "
-                            "`neox-progressive prepare-data` (see the family file's `data` block)")
-        cut_member_windows(src, rows)
-
-    def plan_rows(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.plan.to_dict()["rows"]]
-
-    def train_prefix(self) -> str | None:
-        data = getattr(self.family, "data", None)
-        prefix = getattr(data, "train", None) if data is not None else None
-        return str(prefix) if prefix else None
+                            f"`neox-progressive prepare-data --family {self.family.path}` (see its `data` block)")
+        cut_member_windows(src, self.plan.to_dict()["rows"])
 
     def steps(self) -> Iterator[Step]:
         names = self.names
@@ -146,7 +133,7 @@ class FamilyRun:
             return {"source": digest(src), "src_config": digest(self.stage_yaml(prev)),
                     "dst_config": digest(self.stage_yaml(name)), "options": repr(options)}
 
-        def action() -> dict[str, Any]:
+        def action(_inputs: dict[str, Any]) -> dict[str, Any]:
             record = expand_checkpoint(src, [self.stage_yaml(prev)], [self.stage_yaml(name)], out, options,
                                        force=True, quiet=self.quiet, stage=f"{prev}->{name}")
             return {"expansion": {k: record.get(k) for k in ("method", "options") if k in record}}
@@ -162,8 +149,8 @@ class FamilyRun:
         def inputs() -> dict[str, Any]:
             return {"config": digest(yml), "init": digest(expanded_dir) if expanded_dir else "scratch"}
 
-        def action() -> dict[str, Any]:
-            return self._train(name, yml, expanded_dir, inputs())
+        def action(inputs: dict[str, Any]) -> dict[str, Any]:
+            return self._train(name, yml, expanded_dir, inputs)
 
         return Step(f"{name}/train", f"train {name} ({'from the expanded ' + name if expanded else 'from scratch'})",
                     inputs, action, [stage_save_dir(yml)] if yml.exists() else [], self.engine.command(yml))
@@ -190,15 +177,14 @@ class FamilyRun:
         return info
 
     def _start_check(self, name: str, yml: Path, expanded_dir: Path) -> _LiveStartCheck:
-        from neox_progressive.train import expanded_loss
-        from neox_progressive.train.settings import read_settings
+        from neox_progressive.train import expanded_loss, read_settings
 
-        shape = read_settings([yml]).shape
+        settings = read_settings([yml])
         loss = expanded_loss(expanded_dir, [yml], device=self.device)
-        vocab = shape.padded_vocab_size or 0
         _log(f"{name}: the expanded checkpoint's held-out loss is {loss:.4f} (random init: about ln V)", self.quiet)
-        return _LiveStartCheck(name, loss, vocab, quiet=self.quiet, first_iteration=read_settings([yml]).log_interval
-                               if self.engine.name == "neox" else 1)
+        # the builtin engine logs iterations 1..10 one by one; NeoX logs every log_interval
+        first = settings.log_interval if self.engine.name == "neox" else 1
+        return _LiveStartCheck(name, loss, settings.shape.padded_vocab_size or 0, quiet=self.quiet, first_iteration=first)
 
     def _summary(self, name: str, result: TrainResult) -> dict[str, Any]:
         from neox_progressive.train import read_metrics
@@ -218,21 +204,21 @@ class FamilyRun:
         return out
 
     # ---- driving ------------------------------------------------------------------------------------
-    def is_done(self, step: Step) -> bool:
-        return self.state.done(step.name) and self.state.info(step.name).get("inputs") == step.inputs()
+    def is_done(self, step: Step, inputs: dict[str, Any]) -> bool:
+        return self.state.info(step.name).get("inputs") == inputs and self.state.done(step.name)
 
     def run(self) -> dict[str, dict[str, Any]]:
         """Run every step not already done; returns {step name: info}."""
         self.prepare()
         for step in self.steps():
-            if self.is_done(step):
+            inputs = step.inputs()
+            if self.is_done(step, inputs):
                 _log(f"[{self.mode}] {step.name}: done before, outputs verified; skipping", self.quiet)
                 self.results[step.name] = self.state.info(step.name)
                 continue
             _log(f"[{self.mode}] {step.describe}", self.quiet)
             t0 = time.time()
-            inputs = step.inputs()
-            info = step.action() or {}
+            info = step.action(inputs) or {}
             info = {**info, "inputs": inputs, "seconds": round(time.time() - t0, 2)}
             outputs = step.outputs or ([Path(info["checkpoint"])] if "checkpoint" in info else [])
             self.state.record(step.name, outputs, info)
@@ -243,7 +229,7 @@ class FamilyRun:
         """The `--dry-run` lines: every step and command, marking what is already done."""
         lines = [f"[{self.mode}] write {len(self.names)} stage configs into {self.configs_dir} and cut the data windows"]
         for step in self.steps():
-            done = self.state.done(step.name) and self.stage_yaml(step.name.split("/")[0]).exists() and self.is_done(step)
+            done = self.is_done(step, step.inputs())
             lines.append(f"[{self.mode}] {step.name}: {step.describe}{'  (done, will be skipped)' if done else ''}")
             if step.command:
                 lines.append(f"    $ {step.command}")
@@ -251,8 +237,9 @@ class FamilyRun:
 
 
 class _LiveStartCheck:
-    """The stage-start check, fed with the training records as they come (builtin engine), or with
-    the NeoX log after the stage (NeoX engine)."""
+    """The stage-start check, fed with the training records as the engine logs them (`callback`);
+    `finish` decides from the metrics file or the NeoX log when the callback saw too few (a resumed
+    or very short stage)."""
 
     def __init__(self, member: str, expanded: float, vocab: int, quiet: bool, n_first: int = 5, first_iteration: int = 1):
         self.member, self.expanded, self.vocab, self.quiet, self.n_first = member, expanded, vocab, quiet, n_first

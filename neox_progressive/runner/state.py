@@ -7,7 +7,10 @@ moment, or whose outputs were changed or deleted afterwards, redoes exactly the 
 results are not there. The file is replaced atomically (write, fsync, rename).
 
 A directory's digest is the sha256 over its files' relative paths and contents (hidden
-temporary directories excluded), so a checkpoint digest does not depend on timestamps.
+temporary directories excluded), so a checkpoint digest does not depend on timestamps. A NeoX save
+dir (one with `latest`) is digested as what the next step reads from it: `latest` and the model
+files (`*model_states.pt`) of the tag it names. Earlier checkpoints and optimizer states, which can
+be hundreds of GB at the paper's sizes, are not read again on every check.
 """
 
 from __future__ import annotations
@@ -21,13 +24,20 @@ from typing import Any
 
 
 def digest(path: str | Path) -> str | None:
-    """sha256 of a file, or of a directory tree (relative names + contents); None if missing."""
+    """sha256 of a file, of a directory tree (relative names + contents), or of a NeoX save dir's
+    latest checkpoint (see the module docstring); None if missing."""
     path = Path(path)
     if not path.exists():
         return None
     h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(
-        p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if path.is_file():
+        files = [path]
+    elif (path / "latest").is_file():
+        tag = path / (path / "latest").read_text().strip()
+        files = [path / "latest", *sorted(tag.glob("*model_states.pt"))] if tag.is_dir() else [path / "latest"]
+    else:
+        files = sorted(p for p in path.rglob("*")
+                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
     for f in files:
         h.update(str(f.relative_to(path) if f != path else f.name).encode() + b"\0")
         with f.open("rb") as fh:

@@ -82,3 +82,21 @@ def _num(x: Any) -> str:
 
 def _loss(x: Any) -> str:
     return "-" if x is None else f"{float(x):.4f}"
+
+
+def summarize(runs: list, png: Path) -> tuple[dict[str, dict[str, dict[str, Any]]], list[str], Path | None]:
+    """The results of finished FamilyRuns ({mode: {step: info}}), the member names, and the loss-vs-FLOPs plot
+    written to `png` (None without matplotlib)."""
+    results = {r.mode: r.results for r in runs}
+    names = runs[0].names
+    return results, names, plot_loss_vs_flops(loss_curves(results, names), png)
+
+
+def summary_text(results: dict, names: list[str], plot: Path | None, report: Path | None) -> str:
+    """The members table and where the plot and the evaluation report are."""
+    lines = [members_table(results, names)]
+    if plot:
+        lines.append(f"\nvalidation loss vs cumulative FLOPs: {plot}")
+    if report:
+        lines.append(f"evaluation report (perplexity, KL, speculative decoding): {report / 'report.md'}")
+    return "\n".join(lines)
