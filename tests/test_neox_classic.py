@@ -183,3 +183,23 @@ def test_neox_generate_matches_gpt_neox_on_our_export(tmp_path, pp, parallel):
         ours.append(tok.decode([t for t in out[0, ids.shape[1]:].tolist() if t != EOD]))
     assert neox == ours
     assert any(len(t.split()) >= 5 for t in neox)
+
+
+def test_neox_shipped_configs_read_as_neox_builds_them():
+    """NeoX's own configs/pythia/*.yml are the classic transformer (4h GeLU width, tanh GeLU, parallel residual,
+    25% rotary); its TransformerEngine, MoE and sliding-window configs are refused naming the key."""
+    from neox_progressive.config import ModelShape, merge_neox_configs
+    from neox_progressive.errors import UserError
+
+    pythia = sorted((neox_dir() / "configs" / "pythia").glob("*.yml"))
+    assert len(pythia) >= 8
+    for path in pythia:
+        cfg = merge_neox_configs([path])  # some of them spell keys with dashes
+        shape = ModelShape.from_yamls([path])
+        assert shape.architecture == "neox" and shape.gelu_approx == "tanh" and shape.parallel_residual, path
+        assert shape.ffn_size == 4 * cfg["hidden_size"] and shape.rotary_dims == int(shape.head_dim * 0.25), path
+        assert shape.attn_bias and shape.mlp_bias and shape.norm_eps == 1e-5, path
+    for name, key in (("1-3B-transformer-engine.yml", "te_mha"), ("125M-dmoe.yml", "moe_num_experts"),
+                      ("mistral/7B.yml", "sliding_window_width")):
+        with pytest.raises(UserError, match=f"config key {key}:"):
+            ModelShape.from_yamls([neox_dir() / "configs" / name])
