@@ -148,6 +148,29 @@ def test_neox_trained_classic_checkpoint_scores_as_neox(data, tmp_path, parallel
         assert miss > max(2e-5, 5 * abs(ours - neox_eval), 5e-6), wrong
 
 
+def test_neox_finetunes_from_a_builtin_classic_checkpoint(data, tmp_path):
+    """The builtin engine trains a classic model (pipeline files); NeoX loads it strictly with `finetune: true`
+    and its first training loss equals the reference model's on NeoX's first batch."""
+    import numpy as np
+    from train_util import stage_config, write_stage
+
+    from neox_progressive.train import train_stage
+
+    shape = classic(hidden_size=32, ffn_size=128, num_heads=2, num_kv_heads=2, padded_vocab_size=None, pp=1, seq_length=32,
+                    max_position_embeddings=32, gelu_approx="tanh")
+    stage = stage_config(data, tmp_path / "ck", shape, train_iters=60, checkpoint_factor=60)
+    res = train_stage(write_stage(tmp_path / "s.yml", stage), device="cpu", quiet=True)
+    cfg = neox_config(data, shape, data_path=data["train"], split="1000,0,0", train_iters=1, load=str(res.save_dir),
+                      finetune=True, eval_interval=1000, bias_gelu_fusion=True, master_port=free_port())
+    (tmp_path / "nx.yml").write_text(yaml.safe_dump(cfg))
+    log = run_neox("train.py", tmp_path / "nx.yml", log=tmp_path / "neox.log")
+    assert "Unable to load checkpoint" not in log
+    neox_first = float(re.search(r"iteration\s+1/\s*1 \|.*?lm_loss: ([0-9.E+-]+)", log).group(1))
+    ours = reference_loss(res.save_dir, shape, neox_batch(data["train"], "train", 0, B))
+    assert ours == pytest.approx(neox_first, abs=2e-5)
+    assert neox_first < np.log(512) - 0.5                    # trained weights, not a random init
+
+
 def _word_tokenizer(path):
     from test_neox_real import word_tokenizer
     return word_tokenizer(path)
