@@ -146,3 +146,18 @@ def test_learned_positions_beyond_the_table_are_an_error():
     model(torch.zeros(1, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="beyond the learned position table"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kw", [{}, dict(attn_bias=True, mlp_bias=True, num_kv_heads=2), CLASSIC,
+                                {**CLASSIC, "pos_emb": "learned", "max_position_embeddings": 16},
+                                {**CLASSIC, "attn_bias": False, "parallel_residual": False, "mlp_bias": False}])
+def test_logical_keys_are_the_reference_models_parameters(kw):
+    from neox_progressive import arch
+
+    shape = tiny_shape(**kw)
+    with torch.device("meta"):
+        model = Transformer(shape)
+    params = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes = {**{f"layers.{i}.{k}": s for i in range(shape.num_layers) for k, s in arch.logical_layer_shapes(shape).items()},
+              **arch.logical_global_shapes(shape)}
+    assert params == shapes and sorted(arch.logical_keys(shape)) == sorted(params)
