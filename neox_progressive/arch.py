@@ -26,6 +26,8 @@ split like their weights. `attention.rotary_emb.inv_freq` exists only when
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from neox_progressive.config import ModelShape
@@ -262,3 +264,50 @@ def neox_file_shapes(shape: ModelShape) -> dict[int, dict[str, tuple[int, ...]]]
     files[final_norm_index(shape.num_layers)] = {FINAL_NORM_KEY: (shape.hidden_size,)}
     files[head_index(shape.num_layers)] = {HEAD_KEY: (v // shape.tp if v else -1, shape.hidden_size)}
     return files
+
+
+# ---- expansion roles (issue 11): what each logical tensor does, as data ----------------------
+# The expansion (neox_progressive/expand/rules.py) widens a tensor by its role, never by its name:
+# a role names the rule, and `units` the per-layer map along the tensor's unit dimension (heads and
+# kv_heads in whole head_dim-row blocks, ffn neurons one row each). `neox` says where NeoX keeps the
+# tensor (per layer file; "|" separates the Llama-shape and classic names where they differ).
+# tests/test_expand_roles.py checks the table against the conversion functions above.
+class Role(NamedTuple):
+    rule: str
+    units: str | None = None
+    neox: str = ""
+
+
+LAYER_ROLES: dict[str, Role] = {
+    "attn_norm.weight": Role("norm_scale", None, "input_layernorm.scale | input_layernorm.weight"),
+    "attn_norm.bias": Role("norm_bias", None, "input_layernorm.bias"),
+    "attn.q.weight": Role("reads_hidden", "heads", QKV_WEIGHT),
+    "attn.k.weight": Role("reads_hidden", "kv_heads", QKV_WEIGHT),
+    "attn.v.weight": Role("reads_hidden", "kv_heads", QKV_WEIGHT),
+    "attn.q.bias": Role("unit_bias", "heads", QKV_BIAS),
+    "attn.k.bias": Role("unit_bias", "kv_heads", QKV_BIAS),
+    "attn.v.bias": Role("unit_bias", "kv_heads", QKV_BIAS),
+    "attn.o.weight": Role("writes_residual", "heads", DENSE_WEIGHT),
+    "attn.o.bias": Role("residual_bias", None, DENSE_BIAS),
+    "mlp_norm.weight": Role("norm_scale", None, "post_attention_layernorm.scale | post_attention_layernorm.weight"),
+    "mlp_norm.bias": Role("norm_bias", None, "post_attention_layernorm.bias"),
+    "mlp.gate.weight": Role("reads_hidden", "ffn", LINEAR1_WEIGHT),
+    "mlp.up.weight": Role("reads_hidden", "ffn", LINEAR1_WEIGHT),
+    "mlp.gate.bias": Role("unit_bias", "ffn", LINEAR1_BIAS),
+    "mlp.up.bias": Role("unit_bias", "ffn", LINEAR1_BIAS),
+    "mlp.down.weight": Role("writes_residual", "ffn", LINEAR2_WEIGHT),
+    "mlp.down.bias": Role("residual_bias", None, LINEAR2_BIAS),
+}
+"""Logical per-layer key -> its role (both architectures; a shape's keys come from `logical_layer_keys`)."""
+
+MODEL_ROLES: dict[str, Role] = {
+    "embed.weight": Role("embedding", None, EMBED_KEY),
+    "pos_embed.weight": Role("position_embedding", None, "position_embeddings.weight"),
+    "final_norm.weight": Role("norm_scale", None, "norm.scale | norm.weight"),
+    "final_norm.bias": Role("norm_bias", None, "norm.bias"),
+    "head.weight": Role("head", None, HEAD_KEY),
+}
+"""Logical model-level key -> its role."""
+
+RESIDUAL_WRITERS = frozenset(k for k, r in LAYER_ROLES.items() if r.rule in ("writes_residual", "residual_bias"))
+"""What new_layer_init=zero_out sets to 0 on an added layer (it then adds nothing to the residual stream)."""
