@@ -1,5 +1,11 @@
 """Model shapes read from GPT-NeoX YAML configs, exactly as NeoX reads them.
 
+Two architectures NeoX trains are represented (NEOX_FACTS.md sections 2 and 11): the Llama shape
+(`norm: rmsnorm`, `activation: swiglu`, rotary, sequential residual) and NeoX's classic transformer,
+Pythia-style (`norm: layernorm` with bias, `activation: gelu`, `gpt_j_residual`, partial rotary or
+learned position embeddings, biases). The fields `norm`, `activation`, `parallel_residual` and
+`pos_emb` say which parts a model has; anything else NeoX can build is refused, one key at a time.
+
 NeoX (megatron/neox_arguments/arguments.py) merges every YAML file given to `deepy.py`:
 top-level keys may use dashes or underscores, and the same key in two files is an error
 (no later-file override). We read the same way, then derive the shape facts a checkpoint
@@ -9,6 +15,10 @@ depends on:
   roundup(int(2I/3), 2m) and linear2 columns roundup(int(2I/3)//2, m), m = `mlp_multiple_of`
   (transformer.py ParallelMLP). The width users think in (HF `intermediate_size`, e.g. 7168)
   is the second; `neox_intermediate_size(7168)` gives the I that produces it (21504).
+- GeLU FFN width: linear1 rows roundup(I, 2m), linear2 columns roundup(I, m) (the same code
+  path without the 2/3); NeoX runs only when the two agree, so F = I with F a multiple of 2m.
+- GeLU flavour: `bias_gelu_fusion: true` computes the tanh approximation (activations.py
+  `bias_gelu`), otherwise `F.gelu` or `erf_gelu` (`onnx_safe`), both the exact erf form.
 - `num_kv_heads` defaults to the head count (MHA). Fused QKV rows are per-head interleaved
   for MHA and blocked [Q|K|V] per TP rank for GQA (see `arch.py`).
 - Padded vocab: the tokenizer's size rounded up to `make_vocab_size_divisible_by` x TP
@@ -39,14 +49,18 @@ NEOX_DEFAULTS: dict[str, Any] = {
     "num_kv_heads": None,
     "norm": "layernorm",
     "rms_norm_epsilon": 1.0e-8,
+    "layernorm_epsilon": 1.0e-5,
     "pos_emb": "learned",
     "no_weight_tying": False,
     "make_vocab_size_divisible_by": 128,
     "activation": "gelu",
+    "bias_gelu_fusion": False,
+    "onnx_safe": False,
     "rotary_pct": 1.0,
     "rotary_emb_base": 10000,
     "rotary_save_freqs_buffer": False,
     "gpt_j_residual": False,
+    "gpt_j_tied": False,
     "use_bias_in_attn_linear": True,
     "use_bias_in_mlp": True,
     "use_qk_layernorm": False,
@@ -54,24 +68,50 @@ NEOX_DEFAULTS: dict[str, Any] = {
     "soft_prompt_tuning": None,
     "output_layer_parallelism": "column",
     "moe_num_experts": 1,
+    "opt_pos_emb_offset": 0,
+    "mup_rp_embedding_mult": 1.0,
+    "sliding_window_width": None,
+    "attention_config": None,
+    "te_mha": False,
+    "te_fp8_mha": False,
+    "te_layernorm_mlp": False,
+    "te_columnparallel": False,
+    "te_rowparallel": False,
     "tokenizer_type": "GPT2BPETokenizer",
     "vocab_file": None,
     "precision": None,
 }
 
+# Architecture keys with the values this plugin represents (see `ModelShape`).
+SUPPORTED_CHOICES = {
+    "norm": ("rmsnorm", "layernorm"),
+    "activation": ("swiglu", "gelu"),
+    "pos_emb": ("rotary", "learned"),
+}
 # Keys that select a model NeoX can build but this plugin cannot represent, with the value
-# this plugin needs (Llama-style decoder, see NEOX_FACTS.md).
+# this plugin needs (NEOX_FACTS.md sections 2 and 11).
 REQUIRED_VALUES = {
-    "norm": "rmsnorm",
-    "activation": "swiglu",
-    "pos_emb": "rotary",
     "no_weight_tying": True,
-    "gpt_j_residual": False,
+    "gpt_j_tied": False,
     "use_qk_layernorm": False,
     "use_mup": False,
     "soft_prompt_tuning": None,
     "moe_num_experts": 1,
+    "opt_pos_emb_offset": 0,
+    "mup_rp_embedding_mult": 1.0,
+    "sliding_window_width": None,
+    "te_mha": False,
+    "te_fp8_mha": False,
+    "te_layernorm_mlp": False,
+    "te_columnparallel": False,
+    "te_rowparallel": False,
 }
+# attention_config layer types that are plain causal self-attention (flash is the same math).
+ATTENTION_TYPES = ("global", "flash")
+NORMS = ("rmsnorm", "layernorm")
+ACTIVATIONS = ("swiglu", "gelu")
+GELU_APPROX = ("erf", "tanh")
+POS_EMBS = ("rotary", "learned")
 
 
 def _yaml_loader():
@@ -154,6 +194,27 @@ def neox_intermediate_size(ffn_width: int, multiple_of: int = 1) -> int:
     return value
 
 
+def gelu_widths(intermediate_size: int, multiple_of: int) -> tuple[int, int]:
+    """(linear1 rows, linear2 columns) NeoX builds for a plain (ungated) MLP with this config value."""
+    rows = 2 * multiple_of * math.ceil(intermediate_size / (2 * multiple_of))
+    cols = multiple_of * math.ceil(intermediate_size / multiple_of)
+    return rows, cols
+
+
+def gelu_intermediate_size(ffn_width: int, multiple_of: int = 1) -> int:
+    """The NeoX `intermediate_size` that yields a GeLU FFN of `ffn_width` (the width itself).
+
+    Raises UserError when NeoX would round linear1 and linear2 apart (width not a multiple of 2m).
+    """
+    if gelu_widths(ffn_width, multiple_of) != (ffn_width, ffn_width):
+        raise UserError(
+            f"GeLU FFN width {ffn_width} cannot be built with mlp_multiple_of={multiple_of}: NeoX rounds linear1 "
+            f"to a multiple of {2 * multiple_of} and linear2 to a multiple of {multiple_of}; use a width that is "
+            f"a multiple of {2 * multiple_of}, e.g. {2 * multiple_of * math.ceil(ffn_width / (2 * multiple_of))}"
+        )
+    return ffn_width
+
+
 def tokenizer_vocab_size(cfg: dict[str, Any], base_dir: Path | None = None) -> int | None:
     """The unpadded vocab size of the config's tokenizer, or None if its file is not here.
 
@@ -194,7 +255,7 @@ def pad_vocab(vocab_size: int, divisible_by: int, tp: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class ModelShape:
-    """Everything about a NeoX Llama-style model that decides its checkpoint tensors."""
+    """Everything about a NeoX model (Llama shape or classic transformer) that decides its checkpoint tensors."""
 
     hidden_size: int
     """Model width h."""
@@ -205,7 +266,7 @@ class ModelShape:
     num_kv_heads: int
     """Key/value heads (== num_heads for MHA)."""
     ffn_size: int
-    """Real SwiGLU width F (HF `intermediate_size`); linear1 has 2F rows."""
+    """Real FFN width F: SwiGLU (HF Llama `intermediate_size`; linear1 has 2F rows) or GeLU (linear1 has F rows)."""
     padded_vocab_size: int | None
     """Embedding/head rows; None until known from the tokenizer or a checkpoint."""
     vocab_size: int | None = None
@@ -214,9 +275,11 @@ class ModelShape:
     mlp_multiple_of: int = 1
     seq_length: int = 2048
     max_position_embeddings: int = 2048
+    """Also the rows of the learned position table (`pos_emb: learned`)."""
     rotary_pct: float = 1.0
     rotary_emb_base: int = 10000
     rms_norm_eps: float = 1.0e-8
+    """`rms_norm_epsilon` (used with `norm: rmsnorm`)."""
     attn_bias: bool = False
     """`use_bias_in_attn_linear`: biases on QKV and dense."""
     mlp_bias: bool = False
@@ -228,12 +291,29 @@ class ModelShape:
     pp: int = 1
     """`pipe_parallel_size`; 0 selects the sequential checkpoint format."""
     params_dtype: str = "float32"
+    # ---- architecture (defaults: the Llama shape) ----
+    norm: str = "rmsnorm"
+    """'rmsnorm' (NeoX param `scale`) or 'layernorm' (`weight` and `bias`)."""
+    layernorm_eps: float = 1.0e-5
+    """`layernorm_epsilon` (used with `norm: layernorm`)."""
+    activation: str = "swiglu"
+    """'swiglu' (gated: linear1 = [up; gate] per TP rank) or 'gelu' (plain linear1)."""
+    gelu_approx: str = "erf"
+    """GeLU flavour: 'tanh' (NeoX `bias_gelu_fusion: true`; HF `gelu_pytorch_tanh`) or 'erf' (exact; HF `gelu`)."""
+    parallel_residual: bool = False
+    """`gpt_j_residual`: x + attn(ln1(x)) + mlp(ln2(x)) instead of two sequential residual steps."""
+    pos_emb: str = "rotary"
+    """'rotary' (on the first `rotary_dims` of each head) or 'learned' (`position_embeddings` in layer 0)."""
 
     def __post_init__(self):
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_size", "tp"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise UserError(f"{name} must be a positive integer, got {value!r}")
+        for name, allowed in (("norm", NORMS), ("activation", ACTIVATIONS), ("gelu_approx", GELU_APPROX),
+                              ("pos_emb", POS_EMBS)):
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         if self.hidden_size % self.num_heads:
             raise UserError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
@@ -259,8 +339,16 @@ class ModelShape:
             )
         if not 0 < self.rotary_pct <= 1:
             raise UserError(f"rotary_pct must be in (0, 1], got {self.rotary_pct}")
+        if self.pos_emb == "rotary" and self.rotary_dims < 2:
+            raise UserError(f"rotary_pct {self.rotary_pct} of head_dim {self.head_dim} rotates no dimension pair; "
+                            "raise rotary_pct")
         if self.pp < 0:
             raise UserError(f"pipe_parallel_size must be >= 0, got {self.pp}")
+        if self.parallel_residual and not self.mlp_bias:
+            raise UserError(
+                "gpt_j_residual: true with use_bias_in_mlp: false is not supported: NeoX's parallel residual "
+                "(transformer.py) drops the attention output when the MLP has no bias; set use_bias_in_mlp: true"
+            )
 
     # ---- derived ---------------------------------------------------------------------------
     @property
@@ -277,9 +365,36 @@ class ModelShape:
         return self.head_dim if self.rotary_pct == 1 else int(self.head_dim * self.rotary_pct)
 
     @property
+    def gated(self) -> bool:
+        """SwiGLU (gate and up projections) rather than a plain GeLU MLP."""
+        return self.activation == "swiglu"
+
+    @property
+    def norm_bias(self) -> bool:
+        """LayerNorm has a bias (`weight` and `bias`); RMSNorm only a `scale`."""
+        return self.norm == "layernorm"
+
+    @property
+    def norm_eps(self) -> float:
+        """The epsilon of the norm in use (`layernorm_epsilon` or `rms_norm_epsilon`)."""
+        return self.layernorm_eps if self.norm == "layernorm" else self.rms_norm_eps
+
+    @property
+    def architecture(self) -> str:
+        """'llama' (RMSNorm, SwiGLU, sequential residual, rotary), 'neox' (LayerNorm, GeLU: the classic
+        transformer) or, for other mixes of the supported parts, a description of the parts."""
+        if (self.norm, self.activation) == ("rmsnorm", "swiglu") and not self.parallel_residual and self.pos_emb == "rotary":
+            return "llama"
+        if (self.norm, self.activation) == ("layernorm", "gelu"):
+            return "neox"
+        return f"{self.norm}+{self.activation}{'+parallel' if self.parallel_residual else ''}+{self.pos_emb}"
+
+    @property
     def intermediate_size(self) -> int:
         """The NeoX config value that produces `ffn_size`."""
-        return neox_intermediate_size(self.ffn_size, self.mlp_multiple_of)
+        if self.gated:
+            return neox_intermediate_size(self.ffn_size, self.mlp_multiple_of)
+        return gelu_intermediate_size(self.ffn_size, self.mlp_multiple_of)
 
     @property
     def sequential(self) -> bool:
@@ -299,23 +414,23 @@ class ModelShape:
         return self.replace(padded_vocab_size=padded_vocab_size)
 
     def param_count(self, include_embeddings: bool = True) -> int:
-        """Parameters of the model (embedding and untied head included unless asked not to)."""
-        h, f, d = self.hidden_size, self.ffn_size, self.head_dim
-        attn = h * (self.num_heads * d) * 2 + h * (self.num_kv_heads * d) * 2
-        if self.attn_bias:
-            attn += (self.num_heads + 2 * self.num_kv_heads) * d + h
-        mlp = 3 * h * f + ((2 * f + h) if self.mlp_bias else 0)
-        per_layer = attn + mlp + 2 * h
-        total = self.num_layers * per_layer + h
-        if include_embeddings:
-            if self.padded_vocab_size is None:
-                raise UserError("the vocab size is unknown: give a tokenizer file or a checkpoint")
-            total += 2 * self.padded_vocab_size * h
+        """Parameters of the model (embeddings and untied head included unless asked not to)."""
+        from neox_progressive import arch
+
+        size = lambda s: math.prod(s)  # noqa: E731
+        per_layer = sum(size(s) for s in arch.logical_layer_shapes(self).values())
+        total = self.num_layers * per_layer
+        embeddings = ("embed.weight", "pos_embed.weight", "head.weight")
+        if include_embeddings and self.padded_vocab_size is None:
+            raise UserError("the vocab size is unknown: give a tokenizer file or a checkpoint")
+        for key, s in arch.logical_global_shapes(self).items():
+            if key not in embeddings or include_embeddings:
+                total += size(s)
         return total
 
     def to_neox(self) -> dict[str, Any]:
         """The NeoX config keys that reproduce this shape (architecture keys only)."""
-        return {
+        out = {
             "pipe_parallel_size": self.pp,
             "model_parallel_size": self.tp,
             "num_layers": self.num_layers,
@@ -326,36 +441,34 @@ class ModelShape:
             "mlp_multiple_of": self.mlp_multiple_of,
             "seq_length": self.seq_length,
             "max_position_embeddings": self.max_position_embeddings,
-            "pos_emb": "rotary",
+            "pos_emb": self.pos_emb,
             "rotary_pct": self.rotary_pct,
             "rotary_emb_base": self.rotary_emb_base,
-            "norm": "rmsnorm",
-            "rms_norm_epsilon": self.rms_norm_eps,
-            "activation": "swiglu",
+            "norm": self.norm,
+        }
+        if self.norm == "rmsnorm":
+            out["rms_norm_epsilon"] = self.rms_norm_eps
+        else:
+            out["layernorm_epsilon"] = self.layernorm_eps
+        out["activation"] = self.activation
+        if not self.gated:
+            out["bias_gelu_fusion"] = self.gelu_approx == "tanh"
+        out.update({
             "no_weight_tying": True,
-            "gpt_j_residual": False,
+            "gpt_j_residual": self.parallel_residual,
             "use_bias_in_attn_linear": self.attn_bias,
             "use_bias_in_mlp": self.mlp_bias,
             "make_vocab_size_divisible_by": self.make_vocab_size_divisible_by,
             "output_layer_parallelism": "column",
-        }
+        })
+        return out
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
     def from_neox(cls, cfg: dict[str, Any], base_dir: Path | None = None) -> ModelShape:
         """Build from a merged NeoX config dict (see `merge_neox_configs`)."""
         get = lambda key: cfg.get(key, NEOX_DEFAULTS.get(key))  # noqa: E731
-        for key, want in REQUIRED_VALUES.items():
-            have = get(key)
-            if isinstance(want, str) and isinstance(have, str):
-                ok = have.lower() == want
-            else:
-                ok = have == want
-            if not ok:
-                raise UserError(
-                    f"config key {key}: {have!r} is not supported; neox-progressive handles "
-                    f"Llama-style models, which need {key}: {want!r}"
-                )
+        arch = _architecture(get)
         for key in ("num_layers", "hidden_size", "num_attention_heads"):
             if cfg.get(key) is None:
                 raise UserError(f"config key {key} is missing; NeoX needs it to build the model")
@@ -367,13 +480,22 @@ class ModelShape:
             inter = int(float(get("expansion_factor")) * hidden)
         else:
             inter = 4 * hidden
-        rows, cols = swiglu_widths(inter, multiple_of)
-        if rows != 2 * cols:
-            raise UserError(
-                f"intermediate_size {inter} with mlp_multiple_of {multiple_of} makes NeoX build "
-                f"linear1 with {rows} rows but linear2 with {cols} columns (not half); NeoX cannot "
-                f"run that model. Use intermediate_size = 3 x the FFN width, e.g. {3 * cols}"
-            )
+        if arch["activation"] == "swiglu":
+            rows, cols = swiglu_widths(inter, multiple_of)
+            if rows != 2 * cols:
+                raise UserError(
+                    f"intermediate_size {inter} with mlp_multiple_of {multiple_of} makes NeoX build "
+                    f"linear1 with {rows} rows but linear2 with {cols} columns (not half); NeoX cannot "
+                    f"run that model. Use intermediate_size = 3 x the FFN width, e.g. {3 * cols}"
+                )
+        else:
+            rows, cols = gelu_widths(inter, multiple_of)
+            if rows != cols:
+                raise UserError(
+                    f"intermediate_size {inter} with mlp_multiple_of {multiple_of} makes NeoX build linear1 with "
+                    f"{rows} rows but linear2 with {cols} columns; NeoX cannot run that model. Use an "
+                    f"intermediate_size that is a multiple of {2 * multiple_of}, e.g. {rows}"
+                )
         tp = int(get("model_parallel_size"))
         divisible = int(get("make_vocab_size_divisible_by"))
         vocab = tokenizer_vocab_size(cfg, base_dir)
@@ -399,13 +521,13 @@ class ModelShape:
             max_position_embeddings=int(cfg.get("max_position_embeddings") or seq),
             rotary_pct=float(get("rotary_pct")),
             rotary_emb_base=int(get("rotary_emb_base")),
-            rms_norm_eps=float(get("rms_norm_epsilon")),
             attn_bias=bool(get("use_bias_in_attn_linear")),
             mlp_bias=bool(get("use_bias_in_mlp")),
             rotary_save_freqs_buffer=bool(get("rotary_save_freqs_buffer")),
             tp=tp,
             pp=int(get("pipe_parallel_size")),
             params_dtype=dtype,
+            **arch,
         )
 
     @classmethod
@@ -414,3 +536,36 @@ class ModelShape:
         paths = list(paths)
         cfg = merge_neox_configs(paths)
         return cls.from_neox(cfg, base_dir=Path(paths[0]).parent)
+
+
+def _architecture(get) -> dict[str, Any]:
+    """The architecture fields of `ModelShape` from NeoX keys; one-line refusal of anything else."""
+    for key, allowed in SUPPORTED_CHOICES.items():
+        have = get(key)
+        if not isinstance(have, str) or have.lower() not in allowed:
+            raise UserError(f"config key {key}: {have!r} is not supported; neox-progressive handles {key}: "
+                            f"{' or '.join(allowed)} (the Llama shape and NeoX's classic transformer)")
+    for key, want in REQUIRED_VALUES.items():
+        have = get(key)
+        if have != want and not (isinstance(want, float) and isinstance(have, (int, float)) and float(have) == want):
+            raise UserError(f"config key {key}: {have!r} is not supported; neox-progressive needs {key}: {want!r} "
+                            "(it represents the Llama shape and NeoX's classic transformer only)")
+    for entry in get("attention_config") or []:
+        types = entry[0] if isinstance(entry, (list, tuple)) and entry else entry
+        for kind in types if isinstance(types, (list, tuple)) else [types]:
+            if str(kind).lower() not in ATTENTION_TYPES:
+                raise UserError(f"config key attention_config: layer type {kind!r} is not supported; neox-progressive "
+                                f"handles {' or '.join(ATTENTION_TYPES)} attention, e.g. attention_config: [[[\"global\"], L]]")
+    norm, activation = get("norm").lower(), get("activation").lower()
+    if activation == "gelu" and get("onnx_safe") and get("bias_gelu_fusion"):
+        raise UserError("config keys onnx_safe: true and bias_gelu_fusion: true: NeoX refuses the pair "
+                        "(activations.py); set one of them to false")
+    return {
+        "norm": norm,
+        "layernorm_eps": float(get("layernorm_epsilon")) if norm == "layernorm" else NEOX_DEFAULTS["layernorm_epsilon"],
+        "rms_norm_eps": float(get("rms_norm_epsilon")) if norm == "rmsnorm" else NEOX_DEFAULTS["rms_norm_epsilon"],
+        "activation": activation,
+        "gelu_approx": "tanh" if activation == "gelu" and get("bias_gelu_fusion") else "erf",
+        "parallel_residual": bool(get("gpt_j_residual")),
+        "pos_emb": get("pos_emb").lower(),
+    }

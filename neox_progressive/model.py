@@ -1,18 +1,23 @@
-"""Reference forward pass of GPT-NeoX's Llama-style model, in plain PyTorch.
+"""Reference forward pass of the models GPT-NeoX trains, in plain PyTorch.
 
-Matches megatron/model/{transformer,norms,positional_embeddings}.py for the configuration
-this plugin handles (`norm: rmsnorm`, `activation: swiglu`, `pos_emb: rotary`, untied head,
-sequential pre-norm residuals), and so also transformers' LlamaForCausalLM on the same
-weights (tests/test_hf.py checks that):
+Matches megatron/model/{transformer,norms,positional_embeddings,word_embeddings}.py for the two
+architectures this plugin handles, and so transformers' LlamaForCausalLM (Llama shape) and
+GPTNeoXForCausalLM (classic transformer, Pythia) on the same weights (tests/test_hf*.py):
 
-    x = E[tokens]
-    for each layer:  x = x + Wo . attn(rope(Wq n1(x)), rope(Wk n1(x)), Wv n1(x))
-                     x = x + Wdown . (silu(Wgate n2(x)) * Wup n2(x))
+    x = E[tokens] (+ P[positions] with learned positions)
+    sequential residual (Llama; gpt_j_residual: false):
+        x = x + Wo . attn(rope(Wq n1(x)), rope(Wk n1(x)), Wv n1(x))
+        x = x + mlp(n2(x))
+    parallel residual (gpt_j_residual: true, GPT-J / Pythia):
+        x = x + Wo . attn(...n1(x)...) + mlp(n2(x))      (two norms of the same x)
     logits = H . norm(x)
 
-- RMSNorm: scale * x * rsqrt(mean(x^2) + eps), computed in fp32 (eps inside the rsqrt).
-- RoPE: rotate-half convention on the first `rotary_dims` of each head (`rotary_pct`),
-  inv_freq = 1 / base^(2i/dim); query head j uses KV head j // (heads / kv_heads).
+- RMSNorm: scale * x * rsqrt(mean(x^2) + eps); LayerNorm: (x - mean) / sqrt(var + eps) * w + b;
+  both computed in fp32 (eps inside the root).
+- MLP: SwiGLU Wdown . (silu(Wgate x) * Wup x), or GeLU Wdown . gelu(Wup x + b) + b with the erf
+  form or its tanh approximation (NeoX `bias_gelu_fusion`).
+- RoPE: rotate-half convention on the first `rotary_dims` of each head (`rotary_pct`), the rest
+  of the head passes through; inv_freq = 1 / base^(2i/dim); query head j uses KV head j // (heads / kv_heads).
 - Parameter names are the logical names of `arch.py`, so a logical state dict loads as is.
 
 Used by tests, evaluation, the expansion checks and the builtin training engine.
@@ -42,6 +47,23 @@ class RMSNorm(nn.Module):
         return (self.weight.float() * x).to(dtype)
 
 
+class LayerNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        y = F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), self.bias.float(), self.eps)
+        return y.to(x.dtype)
+
+
+def make_norm(shape: ModelShape) -> nn.Module:
+    norm = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}[shape.norm]
+    return norm(shape.hidden_size, shape.norm_eps)
+
+
 class Rotary(nn.Module):
     def __init__(self, shape: ModelShape):
         super().__init__()
@@ -69,14 +91,15 @@ class Attention(nn.Module):
         self.k = nn.Linear(h, self.nkv * d, bias=shape.attn_bias)
         self.v = nn.Linear(h, self.nkv * d, bias=shape.attn_bias)
         self.o = nn.Linear(self.nh * d, h, bias=shape.attn_bias)
-        self.rotary = Rotary(shape)
+        self.rotary = Rotary(shape) if shape.pos_emb == "rotary" else None
 
     def forward(self, x, positions, cache=None):
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.nh, self.d).transpose(1, 2)       # (B, nh, T, d)
         k = self.k(x).view(B, T, self.nkv, self.d).transpose(1, 2)      # (B, nkv, T, d)
         v = self.v(x).view(B, T, self.nkv, self.d).transpose(1, 2)      # (B, nkv, T, d)
-        q, k = self.rotary(q, positions), self.rotary(k, positions)
+        if self.rotary is not None:
+            q, k = self.rotary(q, positions), self.rotary(k, positions)
         if cache is not None:                                            # incremental decoding
             k, v = cache.update(k, v)                                    # (B, nkv, S, d)
         group = self.nh // self.nkv
@@ -91,6 +114,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU (gate, up, down) for the Llama shape."""
+
     def __init__(self, shape: ModelShape):
         super().__init__()
         h, f = shape.hidden_size, shape.ffn_size
@@ -102,15 +127,32 @@ class MLP(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
+class GeluMLP(nn.Module):
+    """NeoX's plain MLP: linear1 (up), GeLU, linear2 (down)."""
+
+    def __init__(self, shape: ModelShape):
+        super().__init__()
+        h, f = shape.hidden_size, shape.ffn_size
+        self.up = nn.Linear(h, f, bias=shape.mlp_bias)
+        self.down = nn.Linear(f, h, bias=shape.mlp_bias)
+        self.approximate = "tanh" if shape.gelu_approx == "tanh" else "none"
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x), approximate=self.approximate))
+
+
 class Block(nn.Module):
     def __init__(self, shape: ModelShape):
         super().__init__()
-        self.attn_norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+        self.parallel = shape.parallel_residual
+        self.attn_norm = make_norm(shape)
         self.attn = Attention(shape)
-        self.mlp_norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
-        self.mlp = MLP(shape)
+        self.mlp_norm = make_norm(shape)
+        self.mlp = MLP(shape) if shape.gated else GeluMLP(shape)
 
     def forward(self, x, positions, cache=None):
+        if self.parallel:  # both sublayers read their own norm of the same residual stream
+            return x + self.attn(self.attn_norm(x), positions, cache) + self.mlp(self.mlp_norm(x))
         x = x + self.attn(self.attn_norm(x), positions, cache)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -143,8 +185,10 @@ class Transformer(nn.Module):
             raise ValueError("shape.padded_vocab_size must be known to build the model")
         self.shape = shape
         self.embed = nn.Embedding(shape.padded_vocab_size, shape.hidden_size)
+        if shape.pos_emb == "learned":
+            self.pos_embed = nn.Embedding(shape.max_position_embeddings, shape.hidden_size)
         self.layers = nn.ModuleList(Block(shape) for _ in range(shape.num_layers))
-        self.final_norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+        self.final_norm = make_norm(shape)
         self.head = nn.Linear(shape.hidden_size, shape.padded_vocab_size, bias=False)
 
     def new_cache(self) -> list[KVCache]:
@@ -155,6 +199,11 @@ class Transformer(nn.Module):
         start = len(cache[0]) if cache else 0
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         x = self.embed(tokens)                                           # (B, T, h)
+        if self.shape.pos_emb == "learned":
+            if start + tokens.shape[1] > self.shape.max_position_embeddings:
+                raise ValueError(f"position {start + tokens.shape[1] - 1} is beyond the learned position table "
+                                 f"({self.shape.max_position_embeddings} rows)")
+            x = x + self.pos_embed(positions)                            # (B, T, h)
         for i, block in enumerate(self.layers):
             x = block(x, positions, cache[i] if cache else None)
         return self.head(self.final_norm(x))                             # (B, T, V)
@@ -165,8 +214,9 @@ class Transformer(nn.Module):
         with torch.device("meta"):
             model = cls(shape)
         model.load_state_dict(sd, strict=True, assign=True)
-        for block in model.layers:  # buffers were on meta
-            block.attn.rotary = Rotary(shape).to(sd["embed.weight"].device)
+        if shape.pos_emb == "rotary":
+            for block in model.layers:  # buffers were on meta
+                block.attn.rotary = Rotary(shape).to(sd["embed.weight"].device)
         if dtype is not None:
             model = model.to(dtype)
         return model.eval()

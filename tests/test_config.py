@@ -15,6 +15,14 @@ LLAMA = {
     "use_bias_in_mlp": False, "make_vocab_size_divisible_by": 128,
 }
 
+# configs/pythia/410M.yml (architecture keys), with a 4h FFN from NeoX's default
+CLASSIC = {
+    "num_layers": 24, "hidden_size": 1024, "num_attention_heads": 16, "seq_length": 2048,
+    "max_position_embeddings": 2048, "pos_emb": "rotary", "rotary_pct": 0.25, "no_weight_tying": True,
+    "gpt_j_residual": True, "output_layer_parallelism": "column", "norm": "layernorm", "layernorm_epsilon": 1.0e-5,
+    "activation": "gelu", "bias_gelu_fusion": True, "make_vocab_size_divisible_by": 128,
+}
+
 
 def dump(path, data):
     path.write_text(yaml.safe_dump(data))
@@ -101,13 +109,57 @@ def test_missing_tokenizer_file_falls_back_to_checkpoint(tmp_path):
     assert shape.with_vocab(50304).padded_vocab_size == 50304
 
 
-@pytest.mark.parametrize("key,value,needle", [
-    ("norm", "layernorm", "norm"), ("activation", "gelu", "activation"), ("pos_emb", "learned", "pos_emb"),
-    ("no_weight_tying", False, "no_weight_tying"), ("gpt_j_residual", True, "gpt_j_residual"),
+@pytest.mark.parametrize("key,value", [
+    ("norm", "scalenorm"), ("norm", "non_parametric_layernorm"), ("activation", "relu"), ("activation", "geglu"),
+    ("pos_emb", "alibi"), ("pos_emb", "rpe"), ("pos_emb", "sinusoidal"), ("no_weight_tying", False),
+    ("gpt_j_tied", True), ("moe_num_experts", 8), ("use_mup", True), ("use_qk_layernorm", True),
+    ("soft_prompt_tuning", {"enabled": True}), ("sliding_window_width", 512), ("te_layernorm_mlp", True),
+    ("opt_pos_emb_offset", 2),
 ])
-def test_non_llama_models_are_refused_with_the_key(tmp_path, key, value, needle):
-    with pytest.raises(UserError, match=needle):
-        ModelShape.from_yamls([dump(tmp_path / "m.yml", {**LLAMA, key: value})])
+def test_models_we_cannot_represent_are_refused_with_the_key_and_value(tmp_path, key, value):
+    for base in (LLAMA, CLASSIC):
+        with pytest.raises(UserError, match=f"config key {key}: {value!r}") as info:
+            ModelShape.from_yamls([dump(tmp_path / "m.yml", {**base, key: value})])
+        assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("changes,needle", [
+    ({"attention_config": [[["sparse_fixed"], 18]]}, "attention_config: layer type 'sparse_fixed'"),
+    ({"use_bias_in_mlp": False}, "gpt_j_residual: true with use_bias_in_mlp: false"),
+    ({"onnx_safe": True}, "onnx_safe: true and bias_gelu_fusion: true"),
+    ({"intermediate_size": 8193}, "linear1 with 8194 rows but linear2 with 8193 columns"),
+])
+def test_classic_configs_neox_cannot_run_are_refused(tmp_path, changes, needle):
+    with pytest.raises(UserError, match=needle) as info:
+        ModelShape.from_yamls([dump(tmp_path / "m.yml", {**CLASSIC, **changes})])
+    assert "\n" not in str(info.value)
+
+
+def test_classic_shape_from_a_pythia_config(tmp_path):
+    # configs/pythia/410M.yml's architecture keys; NeoX defaults fill in the rest (4h FFN, learned -> rotary here)
+    shape = ModelShape.from_yamls([dump(tmp_path / "p.yml", CLASSIC)])
+    assert (shape.norm, shape.activation, shape.gelu_approx) == ("layernorm", "gelu", "tanh")
+    assert shape.parallel_residual and shape.pos_emb == "rotary" and shape.rotary_dims == 16
+    assert shape.ffn_size == 4 * 1024 and shape.intermediate_size == 4096
+    assert shape.norm_eps == shape.layernorm_eps == 1e-5 and shape.architecture == "neox"
+    assert shape.attn_bias and shape.mlp_bias  # NeoX's defaults
+    erf = ModelShape.from_yamls([dump(tmp_path / "e.yml", {**CLASSIC, "bias_gelu_fusion": False, "onnx_safe": True})])
+    assert erf.gelu_approx == "erf"
+    # NeoX's own defaults: layernorm, gelu, learned positions, sequential residual
+    bare = {k: CLASSIC[k] for k in ("num_layers", "hidden_size", "num_attention_heads", "seq_length",
+                                    "max_position_embeddings", "no_weight_tying")}
+    learned = ModelShape.from_yamls([dump(tmp_path / "l.yml", bare)])
+    assert (learned.pos_emb, learned.norm, learned.activation, learned.gelu_approx) == ("learned", "layernorm", "gelu", "erf")
+    assert not learned.parallel_residual
+
+
+@pytest.mark.parametrize("arch", ["llama", "classic", "learned", "sequential_residual"])
+def test_to_neox_reads_back_as_the_same_shape(tmp_path, arch):
+    base = {"llama": LLAMA, "classic": CLASSIC, "learned": {**CLASSIC, "pos_emb": "learned"},
+            "sequential_residual": {**CLASSIC, "gpt_j_residual": False, "layernorm_epsilon": 1.0e-6}}[arch]
+    shape = ModelShape.from_yamls([dump(tmp_path / "a.yml", base)])
+    again = ModelShape.from_yamls([dump(tmp_path / "b.yml", shape.to_neox())])
+    assert again == shape
 
 
 @pytest.mark.parametrize("changes,needle", [
@@ -132,7 +184,8 @@ def test_param_count_matches_the_reference_model():
 
     from neox_progressive.model import Transformer
 
-    for kw in ({}, {"num_kv_heads": 4, "attn_bias": True, "mlp_bias": True}):
+    classic = dict(norm="layernorm", activation="gelu", parallel_residual=True, attn_bias=True, mlp_bias=True)
+    for kw in ({}, {"num_kv_heads": 4, "attn_bias": True, "mlp_bias": True}, classic, {**classic, "pos_emb": "learned"}):
         shape = ModelShape(hidden_size=2048, num_layers=18, num_heads=16, ffn_size=7168, padded_vocab_size=50304,
                            num_kv_heads=kw.pop("num_kv_heads", 16), **kw)
         with torch.device("meta"):

@@ -97,7 +97,7 @@ BAD = {
     "head_dim": (lambda s: s.replace(hidden_size=48, padded_vocab_size=None), {}, "head_dim: source 32/4 = 8"),
     "bias": (lambda s: wider(s, 5, attn_bias=True), {}, "use_bias_in_attn_linear: source False, target True"),
     "rotary": (lambda s: wider(s, 5, rotary_pct=0.5), {}, "rotary_pct: source 1.0, target 0.5"),
-    "norm": (lambda s: wider(s, 5), {"norm": "layernorm"}, "config key norm: 'layernorm' is not supported"),
+    "norm": (lambda s: wider(s, 5), {"norm": "layernorm"}, "norm: source 'rmsnorm', target 'layernorm'; expansion keeps"),
     "gqa": (lambda s: wider(s.replace(num_kv_heads=2), 6, 6), {}, "use num_kv_heads in [2, 3]"),
     "tp_heads": (lambda s: wider(s, 5), {"model_parallel_size": 2}, "model_parallel_size 2 must divide num_attention_heads 5"),
 }

@@ -1,10 +1,14 @@
-"""Export a NeoX checkpoint to a transformers LlamaForCausalLM directory.
+"""Export a NeoX checkpoint to a transformers directory: LlamaForCausalLM or GPTNeoXForCausalLM.
 
 Reads the checkpoint one layer at a time (any TP degree, pipeline or sequential format) and
-writes safetensors shards plus a config.json with the real FFN width (`intermediate_size`),
-`num_key_value_heads`, `rms_norm_eps` and `rope_theta`. The fused QKV is split the way NeoX
-itself fuses it: per head interleaved for MHA, blocked for GQA (NeoX's own converter gets MHA
-wrong). Models with partial rotary (`rotary_pct` < 1) have no HF Llama equivalent and are refused.
+writes safetensors shards plus a config.json. The Llama shape becomes LlamaForCausalLM with the
+real FFN width (`intermediate_size`), `num_key_value_heads`, `rms_norm_eps` and `rope_theta`; the
+fused QKV is split the way NeoX itself fuses it: per head interleaved for MHA, blocked for GQA
+(NeoX's own converter gets MHA wrong). NeoX's classic transformer (Pythia: LayerNorm, GeLU)
+becomes GPTNeoXForCausalLM with `use_parallel_residual` (gpt_j_residual), `rotary_pct`,
+`layer_norm_eps` and `hidden_act` gelu_pytorch_tanh when NeoX computed the tanh GeLU
+(`bias_gelu_fusion: true`), gelu otherwise. Models with no HF equivalent (a partial-rotary Llama
+shape, learned positions, GQA in the classic transformer) are refused before anything is written.
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ from neox_progressive.config import ModelShape
 from neox_progressive.hf import export_hf
 from neox_progressive.io.reader import CheckpointReader
 
-HELP = "export a NeoX checkpoint as a transformers LlamaForCausalLM directory"
+HELP = "export a NeoX checkpoint as a transformers directory (LlamaForCausalLM or GPTNeoXForCausalLM)"
 EXAMPLES = """
   neox-progressive export-hf runs/family/progressive/8B/checkpoints --config configs/neox/stage_8B.yml --out hf/8B
   neox-progressive export-hf ckpt/global_step1000 --config a.yml --config b.yml --out hf/1B --dtype bf16
+  neox-progressive export-hf runs/pythia/160M/checkpoints --config configs/neox/pythia_family/stage_160M.yml --out hf/160M
 """
 
 
@@ -38,15 +43,15 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from tqdm import tqdm
 
-    from neox_progressive.hf import check_exportable
+    from neox_progressive.hf import hf_arch
     from neox_progressive.io.writer import check_destination
 
     shape = ModelShape.from_yamls(args.config)
-    check_exportable(shape)
+    hf = hf_arch(shape)
     check_destination(args.out, args.force)
     reader = CheckpointReader(args.ckpt, shape)
     with tqdm(total=reader.shape.num_layers, desc="export-hf", unit="layer", disable=args.quiet, file=sys.stderr) as bar:
         out = export_hf(reader, args.out, dtype=args.dtype, force=args.force, bos=args.bos_id, eos=args.eos_id,
                         progress=lambda i: bar.update(1))
-    print(f"wrote {out} (LlamaForCausalLM, {reader.shape.num_layers} layers, vocab {reader.shape.padded_vocab_size})")
+    print(f"wrote {out} ({hf.name}, {reader.shape.num_layers} layers, vocab {reader.shape.padded_vocab_size})")
     return 0

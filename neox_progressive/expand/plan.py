@@ -169,12 +169,13 @@ class ExpansionPlan:
 
         model = self.model_ops()
         rows = [f"  tensors ({len(self.tensors)}; rule, maps, target shape, bytes in {self.dtype}):"]
-        rows += [line(op, key) for key, op in model.items() if key != "head.weight" and "final_norm" not in key]
+        first = arch.logical_part_keys("embed", self.dst)
+        rows += [line(op, key) for key, op in model.items() if key in first]
         for op in self.layer_ops(0):
             generic = TensorOp(op.key, op.rule, op.sources, tuple(m.replace("layer0.", "layer<s>.") for m in op.maps),
                                op.shape, op.bytes)
             rows.append(line(generic, "layers.T." + op.key.split(".", 2)[2]))
-        rows += [line(op, key) for key, op in model.items() if key == "head.weight" or "final_norm" in key]
+        rows += [line(op, key) for key, op in model.items() if key not in first]
         rows.append("  target layer T <- source layer s (+ s+1: AKI's upper layer; maps of s):")
         parts = []
         for t in range(self.dst.num_layers):
@@ -215,6 +216,20 @@ def target_vocab(src: ModelShape, dst: ModelShape) -> ModelShape:
     return dst.replace(padded_vocab_size=padded, vocab_size=dst.vocab_size or src.vocab_size)
 
 
+# (NeoX config key, ModelShape field) that source and target must share: the architecture itself
+ARCHITECTURE_KEYS = [("norm", "norm"), ("activation", "activation"), ("gpt_j_residual", "parallel_residual"),
+                     ("pos_emb", "pos_emb"), ("use_bias_in_attn_linear", "attn_bias"), ("use_bias_in_mlp", "mlp_bias")]
+CONDITIONAL_KEYS = [
+    ("bias_gelu_fusion (the GeLU flavour: tanh or erf)", "gelu_approx", lambda s: s.activation == "gelu"),
+    ("rotary_pct", "rotary_pct", lambda s: s.pos_emb == "rotary"),
+    ("rotary_emb_base", "rotary_emb_base", lambda s: s.pos_emb == "rotary"),
+    ("rms_norm_epsilon", "rms_norm_eps", lambda s: s.norm == "rmsnorm"),
+    ("layernorm_epsilon", "layernorm_eps", lambda s: s.norm == "layernorm"),
+    ("max_position_embeddings (the rows of the learned position table)", "max_position_embeddings",
+     lambda s: s.pos_emb == "learned"),
+]
+
+
 def check_shapes(src: ModelShape, dst: ModelShape) -> None:
     """One-line UserErrors for every pair of shapes the expansion cannot map."""
     for name, key in [("hidden_size", "hidden_size"), ("num_layers", "num_layers"),
@@ -227,13 +242,13 @@ def check_shapes(src: ModelShape, dst: ModelShape) -> None:
         raise UserError(f"head_dim: source {src.hidden_size}/{src.num_heads} = {src.head_dim}, target "
                         f"{dst.hidden_size}/{dst.num_heads} = {dst.head_dim}; heads are copied whole, so head_dim must "
                         f"stay: use num_attention_heads = hidden_size / {src.head_dim} in the target")
-    for name, key in [("use_bias_in_attn_linear", "attn_bias"), ("use_bias_in_mlp", "mlp_bias"),
-                      ("rotary_pct", "rotary_pct"), ("rotary_emb_base", "rotary_emb_base"),
-                      ("rms_norm_epsilon", "rms_norm_eps")]:
+    for name, key in ARCHITECTURE_KEYS + [(n, k) for n, k, when in CONDITIONAL_KEYS if when(src) or when(dst)]:
         a, b = getattr(src, key), getattr(dst, key)
         if a != b:
-            raise UserError(f"{name}: source {a!r}, target {b!r}; expansion keeps the architecture: set {name}: {a!r} "
-                            "in the target config")
+            kind = (f" (the source is {src.architecture}, the target {dst.architecture})"
+                    if src.architecture != dst.architecture else "")
+            raise UserError(f"{name}: source {a!r}, target {b!r}; expansion keeps the architecture{kind}: set "
+                            f"{name}: {a!r} in the target config")
 
 
 def plan_expansion(src: ModelShape, dst: ModelShape, options: ExpandOptions = DEFAULT_OPTIONS, stage: str = "",
@@ -284,9 +299,12 @@ def tensor_ops(plan: ExpansionPlan) -> list[TensorOp]:
         return TensorOp(key, rule, tuple(sources), ("hidden",) + ((units,) if units else ()), tuple(shape),
                         int(np.prod(shape)) * size)
 
-    model_shapes = model_tensor_shapes(dst)
-    out = [op(k, arch.MODEL_ROLES[k].rule, [k], None, shp) for k, shp in model_shapes.items() if "final_norm" not in k
-           and k != "head.weight"]
+    model_shapes = arch.logical_global_shapes(dst)
+
+    def part_ops(part):
+        return [op(k, arch.MODEL_ROLES[k].rule, [k], None, model_shapes[k]) for k in arch.logical_part_keys(part, dst)]
+
+    out = part_ops("embed")
     shapes = arch.logical_layer_shapes(dst)
     for t, s in enumerate(plan.order):
         zero = plan.added[t] and opt.new_layer_init == "zero_out"
@@ -298,30 +316,7 @@ def tensor_ops(plan: ExpansionPlan) -> list[TensorOp]:
             if upper is not None and rule != "zero_writer" and _reads_upper(rule, opt):
                 sources.append(f"layers.{upper}.{key}")
             out.append(op(f"layers.{t}.{key}", rule, sources, role.units and f"layer{s}.{role.units}", shape))
-    out += [op(k, arch.MODEL_ROLES[k].rule, [k], None, shp) for k, shp in model_shapes.items() if "final_norm" in k
-            or k == "head.weight"]
-    return out
-
-
-def model_tensor_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
-    """Logical model-level tensors (outside the layers) and their shapes, in writing order."""
-    h, v = shape.hidden_size, shape.padded_vocab_size
-    out = {"embed.weight": (v, h)}
-    if _learned_positions(shape):
-        out["pos_embed.weight"] = (shape.max_position_embeddings, h)
-    out["final_norm.weight"] = (h,)
-    if _layernorm(shape):
-        out["final_norm.bias"] = (h,)
-    out["head.weight"] = (v, h)
-    return out
-
-
-def _layernorm(shape: ModelShape) -> bool:
-    return getattr(shape, "norm", "rmsnorm") == "layernorm"
-
-
-def _learned_positions(shape: ModelShape) -> bool:
-    return getattr(shape, "pos_emb", "rotary") == "learned"
+    return out + part_ops("final_norm") + part_ops("head")
 
 
 # ---- rms_comp and exactness ------------------------------------------------------------------
@@ -332,7 +327,7 @@ def resolve_rms_comp(src: ModelShape, options: ExpandOptions) -> str:
     cannot make a LayerNorm model exact (expand/rules.py derives it); it is refused, not silently
     applied.
     """
-    if _layernorm(src):
+    if src.norm == "layernorm":
         if options.rms_comp == "exact":
             raise UserError("rms_comp exact: the residual rescaling keeps RMSNorm's mean square, but this model uses "
                             "LayerNorm, whose mean no rescaling keeps when map counts differ; use rms_comp none (FPI is "
@@ -352,7 +347,7 @@ def exactness(src: ModelShape, dst: ModelShape, options: ExpandOptions, rms_comp
     ratio = f"{src.hidden_size} -> {dst.hidden_size} (x{dst.hidden_size / src.hidden_size:.4g})"
     why = []
     if int(c.min()) != int(c.max()):
-        if _layernorm(src):
+        if src.norm == "layernorm":
             why.append(f"LayerNorm under a hidden map with unequal counts, {ratio}, map_sampling {options.map_sampling}: "
                        "bert2BERT's approximation (exact needs an integer width ratio and map_sampling balanced)")
         elif rms_comp != "exact":

@@ -174,9 +174,12 @@ def run_plan(plan: ExpansionPlan, reader: CheckpointReader, out: str | Path, *, 
 
         apply = _Apply(plan, reader)
         model = plan.model_ops()
-        for key, write in (("embed.weight", w.write_embed), ("pos_embed.weight", getattr(w, "write_pos_embed", None))):
-            if key in model:
-                save(write_part, write, apply(model[key]), arch.embed_index())
+
+        def write_model_part(part: str) -> None:
+            tensors = {key: apply(model[key]) for key in arch.logical_part_keys(part, dst)}
+            save(write_part, lambda ts: w.write_part(part, ts), tensors, arch.part_index(part, dst))
+
+        write_model_part("embed")
         for layer in range(plan.src.num_layers):
             apply.need_layers(layer)
             memo: dict[tuple, torch.Tensor] = {}
@@ -190,10 +193,8 @@ def run_plan(plan: ExpansionPlan, reader: CheckpointReader, out: str | Path, *, 
             save(write_targets, targets)
             del memo, targets
         apply.need_layers(None)
-        final = {key.split(".", 1)[1]: apply(op) for key, op in model.items() if key.startswith("final_norm.")}
-        save(write_part, w.write_final_norm, final["weight"] if len(final) == 1 else final,
-             arch.final_norm_index(dst.num_layers))
-        save(write_part, w.write_head, apply(model["head.weight"]), arch.head_index(dst.num_layers))
+        write_model_part("final_norm")
+        write_model_part("head")
         save.wait()
         if w.root is not None:
             (w.root / MAPS_FILE).write_bytes(_maps_npz(plan))
@@ -232,13 +233,11 @@ class _Apply:
 
 
 def _model_tensor(reader: CheckpointReader, key: str) -> torch.Tensor:
+    """A model-level source tensor; the embedding memory-mapped where it can be (TP 1)."""
     if key == "embed.weight":
         return _embed(reader)
-    if key == "head.weight":
-        return reader.head()
-    if key == "final_norm.weight":
-        return reader.final_norm()
-    return reader.model_tensor(key)  # the classic architecture's extras (final_norm.bias, pos_embed.weight)
+    part = "embed" if key == "pos_embed.weight" else key.split(".")[0]  # final_norm, head
+    return reader.part(part)[key]
 
 
 def load_maps(out: str | Path) -> dict[str, np.ndarray]:

@@ -220,26 +220,38 @@ class CheckpointReader:
             if missing or extra:
                 raise UserError(
                     f"{where}: keys do not match the config (missing {missing}, unexpected {extra}); "
-                    "check use_bias_in_attn_linear / use_bias_in_mlp / rotary_save_freqs_buffer"
+                    f"{_key_hint(missing, extra)}"
                 )
             for k, s in want.items():
                 if tuple(sd[k].shape) != s:
                     raise UserError(
                         f"{where}: {k} has shape {tuple(sd[k].shape)} but the config implies {s}; "
-                        "the config (hidden size, heads, kv heads, FFN width, TP) does not match the checkpoint"
+                        "the config (hidden size, heads, kv heads, FFN width, activation, positions, TP) does not "
+                        "match the checkpoint"
                     )
         return ranks
 
+    def part(self, part: str) -> dict[str, torch.Tensor]:
+        """Logical tensors of 'embed', 'final_norm' or 'head' (keys as in `arch.logical_part_keys`)."""
+        shape = self._need_shape()
+        return arch.part_from_neox(part, self._checked(arch.part_index(part, shape)), shape)
+
     def embed(self) -> torch.Tensor:
-        return torch.cat([sd[arch.EMBED_KEY] for sd in self._checked(arch.embed_index())])
+        return self.part("embed")["embed.weight"]
+
+    def pos_embed(self) -> torch.Tensor | None:
+        """The learned position table [P, h], or None for rotary models."""
+        return self.part("embed").get("pos_embed.weight")
 
     def head(self) -> torch.Tensor:
-        shape = self._need_shape()
-        return torch.cat([sd[arch.HEAD_KEY] for sd in self._checked(arch.head_index(shape.num_layers))])
+        return self.part("head")["head.weight"]
 
     def final_norm(self) -> torch.Tensor:
-        shape = self._need_shape()
-        return self._checked(arch.final_norm_index(shape.num_layers))[0][arch.FINAL_NORM_KEY]
+        return self.part("final_norm")["final_norm.weight"]
+
+    def final_norm_bias(self) -> torch.Tensor | None:
+        """The final LayerNorm's bias, or None for RMSNorm."""
+        return self.part("final_norm").get("final_norm.bias")
 
     def layer(self, i: int) -> dict[str, torch.Tensor]:
         """Logical tensors of transformer layer i (keys as in `arch.logical_layer_keys`)."""
@@ -254,12 +266,26 @@ class CheckpointReader:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The whole logical model in memory (small models: tests, eval, the builtin engine)."""
-        sd = {"embed.weight": self.embed()}
+        sd = dict(self.part("embed"))
         for i, layer in self.iter_layers():
             sd.update({f"layers.{i}.{k}": v for k, v in layer.items()})
-        sd["final_norm.weight"] = self.final_norm()
-        sd["head.weight"] = self.head()
+        sd.update(self.part("final_norm"))
+        sd.update(self.part("head"))
         return sd
+
+
+def _key_hint(missing: list[str], extra: list[str]) -> str:
+    """Which config key most likely disagrees with the checkpoint, from the keys that differ."""
+    keys = " ".join(missing + extra)
+    for needle, hint in ((".scale", "the config's norm (rmsnorm has `scale`, layernorm `weight` and `bias`)"),
+                         ("layernorm.bias", "the config's norm (rmsnorm has `scale`, layernorm `weight` and `bias`)"),
+                         ("position_embeddings", "the config's pos_emb (learned positions live in layer_00)"),
+                         ("inv_freq", "rotary_save_freqs_buffer"),
+                         ("query_key_value.bias", "use_bias_in_attn_linear"), ("dense.bias", "use_bias_in_attn_linear"),
+                         ("linear1.bias", "use_bias_in_mlp"), ("linear2.bias", "use_bias_in_mlp")):
+        if needle in keys:
+            return f"check {hint}"
+    return "check norm / pos_emb / use_bias_in_attn_linear / use_bias_in_mlp / rotary_save_freqs_buffer"
 
 
 def read_checkpoint(path: str | Path, config: list[str | Path] | ModelShape) -> tuple[ModelShape, dict[str, torch.Tensor]]:

@@ -163,30 +163,37 @@ class CheckpointWriter:
             else:
                 torch.save(sd, self.tag_dir / arch.layer_file_name(index, t))
 
-    def write_embed(self, weight: torch.Tensor) -> None:
-        self._put(arch.embed_index(), arch.embed_to_neox(weight, self.shape))
+    def write_part(self, part: str, tensors: dict[str, torch.Tensor], layer: int | None = None) -> None:
+        """Write one part ('embed', 'layer' with its index, 'final_norm', 'head') from its logical tensors."""
+        want = arch.logical_layer_shapes(self.shape) if part == "layer" else {
+            k: s for k, s in arch.logical_global_shapes(self.shape).items() if k in arch.logical_part_keys(part, self.shape)}
+        got = {k: tuple(v.shape) for k, v in tensors.items()}
+        if got != want:
+            where = f"layer {layer}" if part == "layer" else part
+            raise RuntimeError(f"{where}: logical shapes {got} do not match the target {want}")
+        self._put(arch.part_index(part, self.shape, layer), arch.part_to_neox(part, tensors, self.shape))
+
+    def write_embed(self, weight: torch.Tensor, pos_embed: torch.Tensor | None = None) -> None:
+        """Word embeddings, plus the learned position table where the shape has one."""
+        self.write_part("embed", {"embed.weight": weight, **({"pos_embed.weight": pos_embed} if pos_embed is not None else {})})
 
     def write_layer(self, i: int, layer: dict[str, torch.Tensor]) -> None:
-        want = arch.logical_layer_shapes(self.shape)
-        got = {k: tuple(v.shape) for k, v in layer.items()}
-        if got != want:
-            raise RuntimeError(f"layer {i}: logical shapes {got} do not match the target {want}")
-        self._put(arch.layer_index(i), arch.layer_to_neox(layer, self.shape))
+        self.write_part("layer", layer, i)
 
-    def write_final_norm(self, weight: torch.Tensor) -> None:
-        self._put(arch.final_norm_index(self.shape.num_layers), arch.final_norm_to_neox(weight, self.shape))
+    def write_final_norm(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """The final norm's weight, plus its bias for LayerNorm."""
+        self.write_part("final_norm", {"final_norm.weight": weight, **({"final_norm.bias": bias} if bias is not None else {})})
 
     def write_head(self, weight: torch.Tensor) -> None:
-        self._put(arch.head_index(self.shape.num_layers), arch.head_to_neox(weight, self.shape))
+        self.write_part("head", {"head.weight": weight})
 
     def write_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         """Write a whole logical model held in memory."""
-        self.write_embed(sd["embed.weight"])
+        for part in arch.GLOBAL_PARTS:
+            self.write_part(part, {k: sd[k] for k in arch.logical_part_keys(part, self.shape)})
         for i in range(self.shape.num_layers):
             prefix = f"layers.{i}."
             self.write_layer(i, {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
-        self.write_final_norm(sd["final_norm.weight"])
-        self.write_head(sd["head.weight"])
 
     # ---- finish ----------------------------------------------------------------------------
     def _mp_state(self, module, n_files: int) -> dict:
