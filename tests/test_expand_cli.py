@@ -203,3 +203,40 @@ def test_manifest_inside_out(tmp_path, capsys):
     with np.load(tmp_path / "o" / rec["maps_file"]) as z:
         assert z["hidden"].shape == (40,) and z["layer1.ffn"].shape == (60,)
     assert (tmp_path / "o" / "latest").read_text() == "global_step0"
+
+
+CLASSIC = dict(norm="layernorm", activation="gelu", gelu_approx="tanh", attn_bias=True, mlp_bias=True,
+               parallel_residual=True, rotary_pct=0.25, ffn_size=64)
+CLASSIC_BAD = {  # (target shape, target extra keys, source extra keys, extra argv, the message)
+    "classic_to_llama": (lambda s: wider(s, 6, ffn=96, norm="rmsnorm", activation="swiglu", parallel_residual=False,
+                                         rotary_pct=1.0), {}, {}, [],
+                         "norm: source 'layernorm', target 'rmsnorm'; expansion keeps the architecture (the source is "
+                         "neox, the target llama): set norm: 'layernorm' in the target config"),
+    "gelu_flavour": (lambda s: wider(s, 6, ffn=96, gelu_approx="erf"), {}, {}, [],
+                     "bias_gelu_fusion (the GeLU flavour: tanh or erf): source 'tanh', target 'erf'"),
+    "tied_target": (lambda s: wider(s, 6, ffn=96), {"no_weight_tying": False}, {}, [],
+                    "config key no_weight_tying: False is not supported"),
+    "tied_source": (lambda s: wider(s, 6, ffn=96), {}, {"no_weight_tying": False}, [],
+                    "config key no_weight_tying: False is not supported"),
+    "moe": (lambda s: wider(s, 6, ffn=96), {"moe_num_experts": 2}, {}, [], "config key moe_num_experts: 2 is not supported"),
+    "rms_comp_exact": (lambda s: wider(s, 6, ffn=96), {}, {}, ["--method", "fpi", "--rms-comp", "exact"],
+                       "rms_comp exact: the residual rescaling keeps RMSNorm's mean square, but this model uses LayerNorm"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLASSIC_BAD))
+def test_classic_bad_inputs_refused_in_one_line_by_the_cli(tmp_path, case):
+    """The real CLI in a subprocess: exit status 2, one line on stderr naming the key, nothing written."""
+    make, dst_extra, src_extra, argv, msg = CLASSIC_BAD[case]
+    src = shape(**CLASSIC)
+    src_dir, _, _ = write_source(tmp_path, src)
+    src_yml = write_yaml(tmp_path / "src_cfg.yml", src, **src_extra)
+    dst_yml = write_yaml(tmp_path / "dst.yml", make(src), **dst_extra)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = subprocess.run([sys.executable, "-m", "neox_progressive", "expand", "--src", str(src_dir), "--src-config",
+                           str(src_yml), "--dst-config", str(dst_yml), "--out", str(tmp_path / "o"), "--quiet", *argv],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=tmp_path)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    assert msg in err, err
+    assert proc.stdout == "" and sorted(p.name for p in tmp_path.iterdir()) == before
