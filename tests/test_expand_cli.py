@@ -178,7 +178,8 @@ def test_help_and_thin_script(tmp_path):
                          text=True, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=""))
     assert out.returncode == 0
     for text in ("--method", "--depth-rule", "--new-layer-init", "--rms-comp", "--map-sampling", "--gqa-layout",
-                 "--aki-second", "--aki-hidden", "--dry-run", "bert2BERT Algorithm 1", "none for aki, exact for fpi"):
+                 "--aki-second", "--aki-hidden", "--dry-run", "bert2BERT Algorithm 1", "none for aki, exact for fpi",
+                 "LayerNorm exact only when every hidden unit is copied equally often", "bert2BERT's approximation"):
         assert text in " ".join(out.stdout.split()), text
 
 

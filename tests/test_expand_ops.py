@@ -164,6 +164,17 @@ def test_every_role_has_a_registered_rule():
     assert arch.RESIDUAL_WRITERS == {"attn.o.weight", "attn.o.bias", "mlp.down.weight", "mlp.down.bias"}
 
 
+def test_every_neox_key_of_both_architectures_has_one_role():
+    """The role table covers the layout tables: every logical key has a role, and the logical keys fused into one
+    NeoX tensor (QKV, SwiGLU linear1) share its rule, so NeoX key -> role is well defined."""
+    assert {k for k, _, _ in arch.LOGICAL_LAYER} == set(arch.LAYER_ROLES)
+    assert {k for k, _, _ in arch.LOGICAL_GLOBAL} == set(arch.MODEL_ROLES)
+    for part, rows in arch.NEOX_PARTS.items():
+        table = arch.LAYER_ROLES if part == "layer" else arch.MODEL_ROLES
+        for key, logical, _, _ in rows:
+            assert len({table[k].rule for k in logical}) <= 1, (part, key)
+
+
 def test_gather_with_and_without_identity_prefixes():
     w = torch.randn(7, 5, dtype=torch.float64)
     for rows, cols in [([0, 1, 2, 3, 4, 5, 6, 2, 2], [0, 1, 2, 3, 4, 0]), ([1, 0, 2, 2], [3, 0, 1, 2, 4]), (None, [4, 4]),

@@ -1,8 +1,10 @@
 """Grow a trained NeoX checkpoint into the initialization of a bigger model (bert2BERT AKI or exact FPI).
 
-Width (hidden, heads with head_dim fixed, FFN) and depth in one pass, width first then depth
-(bert2BERT Algorithm 1), one global hidden-unit map, heads copied as whole blocks, one FFN map
-for gate and up (EXPANSION_SPEC.md). The target's TP degree and format (model_parallel_size,
+Both architectures NeoX trains: the Llama shape and NeoX's classic transformer (Pythia: LayerNorm,
+GeLU, biases, gpt_j_residual, partial rotary). Width (hidden, heads with head_dim fixed, FFN) and
+depth in one pass, width first then depth (bert2BERT Algorithm 1), one global hidden-unit map, heads
+copied as whole blocks, one FFN map for gate and up (EXPANSION_SPEC.md); each tensor by the rule of
+its role (expand/rules.py). The target's TP degree and format (model_parallel_size,
 pipe_parallel_size) come from --dst-config: the tool reshards on output. The result loads in
 NeoX with `finetune: true`; `expansion.json` (shapes, options, seed, maps sha, source sha256s,
 command line) and `expansion_maps.npz` (every index map) are written inside --out.
@@ -15,13 +17,17 @@ Defaults and the reading of bert2BERT each follows:
   --aki-second current    Wo / W_down columns from layer l (the literal per-matrix reading, LEMON's AKI baseline)
   --aki-hidden copy       new hidden rows of Wo / W_down are copies (the residual stream stays consistent)
   --map-sampling uniform  bert2BERT's f(.): uniform with replacement
-Exactness (FPI): the norms decide it. RMSNorm is exact with --rms-comp exact (any width ratio). LayerNorm
-(NeoX's classic transformer, Pythia) is exact only when every hidden unit is copied equally often: an integer
-width ratio with --map-sampling balanced, and --new-layer-init zero_out for added layers; otherwise FPI is
-bert2BERT's approximation (the mean and variance of the widened stream change). --rms-comp exact does not fix
-LayerNorm (it keeps the mean square, not the mean) and is refused for it; --rms-comp defaults to none there.
-The plan (--dry-run) and expansion.json say `exact: true|false` and why.
-Every check (shapes only grow, head_dim, vocab, architecture flags, GQA layout, TP divisibility)
+
+Exactness (FPI) is decided by the norms and the added layers:
+  RMSNorm    exact with --rms-comp exact at any width ratio (or balanced maps at an integer ratio)
+  LayerNorm  exact only when every hidden unit is copied equally often: an integer width ratio with
+             --map-sampling balanced (then gamma' = gamma[g], beta' = beta[g]). Otherwise FPI is
+             bert2BERT's approximation: the mean and variance of the widened stream change. --rms-comp
+             exact keeps the mean square, not the mean, so it cannot fix LayerNorm and is refused;
+             --rms-comp is none there.
+  depth      added layers are the identity only with --new-layer-init zero_out
+--dry-run and expansion.json say `exact: true|false` and why.
+Every check (shapes only grow, head_dim, vocab, the architecture, GQA layout, TP divisibility)
 runs before anything is written; the output is written atomically.
 """
 
