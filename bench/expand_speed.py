@@ -1,8 +1,12 @@
-"""Benchmark: expansion 1B -> 2B (Yano et al. 2025 App. A shapes, bf16) against the I/O floor, and peak memory.
+"""Benchmark: expansion against the I/O floor, and peak memory, for both architectures (bf16).
 
-Builds a synthetic bf16 NeoX checkpoint with the 1B member's shapes (hidden 2048, FFN 7168, 18 layers,
-16 heads; GPT-2 vocab 50257 padded to 50304; random weights), expands it to the 2B shapes (2560, 8960,
-22, 20) with the default options (AKI, b2b), and prints:
+`--arch llama` (default): Yano et al. 2025 App. A 1B -> 2B. A synthetic bf16 NeoX checkpoint with the 1B
+member's shapes (hidden 2048, FFN 7168, 18 layers, 16 heads; GPT-2 vocab 50257 padded to 50304; random
+weights) is expanded to the 2B shapes (2560, 8960, 22, 20).
+`--arch neox`: NeoX's classic transformer, Pythia-1B-like (hidden 2048, 8 heads of 256, FFN 8192, 16
+layers, LayerNorm with bias, GeLU, biases, gpt_j_residual, rotary_pct 0.25, vocab 50304) to twice its
+width and depth (4096, 16 heads, FFN 16384, 32 layers).
+Both use the default options (AKI, b2b). It prints:
 
 - wall time of `neox-progressive expand` (a fresh process, everything after `import torch` included:
   the plugin's imports, the source sha256 for expansion.json, fsync);
@@ -12,10 +16,13 @@ Builds a synthetic bf16 NeoX checkpoint with the 1B member's shapes (hidden 2048
 - peak RSS of the expansion process (getrusage) against 2 x the largest output layer file + 1 GiB.
 
 `--layers` / `--dst-layers` shrink the depth (same widths) when time or disk is short; the report
-says which depth ran.
+says which depth ran. `--compare DIR` also times the expansion with the package of another checkout
+(e.g. the previous commit, `git worktree add /tmp/old HEAD~1`), interleaved with this one's runs, so
+a before/after comparison sees the same machine load.
 
     python bench/expand_speed.py --out bench/expand_speed.md
-    python bench/expand_speed.py --layers 6 --dst-layers 8 --work /tmp/xb
+    python bench/expand_speed.py --arch neox --repeats 2 --out bench/expand_speed.md
+    python bench/expand_speed.py --layers 6 --dst-layers 8 --work /tmp/xb --compare /tmp/old
 """
 
 from __future__ import annotations
@@ -36,43 +43,46 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from neox_progressive.config import ModelShape, neox_intermediate_size  # noqa: E402
+from neox_progressive import arch  # noqa: E402
+from neox_progressive.config import ModelShape  # noqa: E402
 from neox_progressive.io.writer import CheckpointWriter  # noqa: E402
 
-ONE_B = dict(hidden_size=2048, ffn_size=7168, num_heads=16)
-TWO_B = dict(hidden_size=2560, ffn_size=8960, num_heads=20)
-VOCAB = 50304  # GPT-2's 50257 padded to a multiple of 128
+VOCAB = 50304  # GPT-2's 50257 (Pythia: 50277) padded to a multiple of 128
+ARCHS = {  # name: (source widths, target widths, default layers, default target layers, architecture fields, label)
+    "llama": (dict(hidden_size=2048, ffn_size=7168, num_heads=16), dict(hidden_size=2560, ffn_size=8960, num_heads=20),
+              18, 22, dict(rms_norm_eps=1e-5), "1B -> 2B widths (2048/7168/16 heads -> 2560/8960/20)"),
+    "neox": (dict(hidden_size=2048, ffn_size=8192, num_heads=8), dict(hidden_size=4096, ffn_size=16384, num_heads=16),
+             16, 32, dict(norm="layernorm", layernorm_eps=1e-5, activation="gelu", gelu_approx="tanh", attn_bias=True,
+                          mlp_bias=True, parallel_residual=True, rotary_pct=0.25),
+             "Pythia-1B-like classic transformer x2 widths (2048/8192/8 heads of 256 -> 4096/16384/16)"),
+}
 
 
-def shape_of(widths: dict, layers: int) -> ModelShape:
+def shape_of(widths: dict, layers: int, fields: dict) -> ModelShape:
     return ModelShape(num_layers=layers, num_kv_heads=widths["num_heads"], padded_vocab_size=VOCAB, mlp_multiple_of=64,
-                      rms_norm_eps=1e-5, params_dtype="bfloat16", **widths)
+                      params_dtype="bfloat16", **widths, **fields)
 
 
 def write_yaml(path: Path, shape: ModelShape) -> Path:
-    cfg = shape.to_neox() | {"bf16": {"enabled": True}}
-    assert cfg["intermediate_size"] == neox_intermediate_size(shape.ffn_size, 64)
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(shape.to_neox() | {"bf16": {"enabled": True}}))
     return path
 
 
 def build_source(path: Path, shape: ModelShape) -> None:
-    """A random bf16 checkpoint, one layer at a time (never the whole model in memory)."""
+    """A random bf16 checkpoint of any architecture, one part at a time (never the whole model in memory)."""
     g = torch.Generator().manual_seed(0)
 
-    def rnd(*s):
+    def rnd(key, s):
+        if key.endswith("norm.weight"):
+            return torch.ones(s, dtype=torch.bfloat16)
         return (torch.randn(*s, generator=g) * 0.02).to(torch.bfloat16)
 
-    h, f, layers = shape.hidden_size, shape.ffn_size, shape.num_layers
+    glob = arch.logical_global_shapes(shape)
     with CheckpointWriter(path, shape, force=True) as w:
-        w.write_embed(rnd(VOCAB, h))
-        for i in range(layers):
-            w.write_layer(i, {"attn_norm.weight": torch.ones(h, dtype=torch.bfloat16), "attn.q.weight": rnd(h, h),
-                              "attn.k.weight": rnd(h, h), "attn.v.weight": rnd(h, h), "attn.o.weight": rnd(h, h),
-                              "mlp_norm.weight": torch.ones(h, dtype=torch.bfloat16), "mlp.gate.weight": rnd(f, h),
-                              "mlp.up.weight": rnd(f, h), "mlp.down.weight": rnd(h, f)})
-        w.write_final_norm(torch.ones(h, dtype=torch.bfloat16))
-        w.write_head(rnd(VOCAB, h))
+        for part in arch.GLOBAL_PARTS:
+            w.write_part(part, {k: rnd(k, glob[k]) for k in arch.logical_part_keys(part, shape)})
+        for i in range(shape.num_layers):
+            w.write_layer(i, {k: rnd(k, s) for k, s in arch.logical_layer_shapes(shape).items()})
 
 
 CHILD = """
@@ -80,9 +90,11 @@ import json, resource, sys, time
 import torch  # both processes import torch before their clocks start
 t0 = time.perf_counter()
 from neox_progressive.cli import main
+u0 = resource.getrusage(resource.RUSAGE_SELF)
 rc = main(sys.argv[1:])
-print(json.dumps({"rc": rc, "seconds": time.perf_counter() - t0,
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+u = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"rc": rc, "seconds": time.perf_counter() - t0, "peak_rss": u.ru_maxrss * 1024,
+                  "cpu": u.ru_utime + u.ru_stime - u0.ru_utime - u0.ru_stime}))
 """
 
 FLOOR = """
@@ -105,8 +117,8 @@ print(json.dumps({"seconds": time.perf_counter() - t0,
 """
 
 
-def child(code: str, *args: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def child(code: str, *args: str, root: Path = ROOT) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(root))
     proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-3000:])
@@ -115,8 +127,10 @@ def child(code: str, *args: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=18, help="source layers (1B: 18)")
-    ap.add_argument("--dst-layers", type=int, default=22, help="target layers (2B: 22)")
+    ap.add_argument("--arch", choices=list(ARCHS), default="llama", help="llama: 1B -> 2B (default); neox: Pythia-1B-like x2")
+    ap.add_argument("--layers", type=int, help="source layers (default: llama 18, neox 16)")
+    ap.add_argument("--dst-layers", type=int, help="target layers (default: llama 22, neox 32)")
+    ap.add_argument("--compare", metavar="DIR", help="also time the package of this checkout, interleaved (before/after)")
     ap.add_argument("--work", default="/tmp/expand_speed", help="scratch dir (needs ~3x the output size)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch dir (a later run reuses the source)")
     ap.add_argument("--repeats", type=int, default=1, help="best of N runs of each, interleaved (shared machines are noisy)")
@@ -125,49 +139,61 @@ def main() -> None:
 
     from neox_progressive.expand import plan_expansion
 
-    work = Path(args.work)
+    src_w, dst_w, layers, dst_layers, fields, label = ARCHS[args.arch]
+    args.layers, args.dst_layers = args.layers or layers, args.dst_layers or dst_layers
+    work = Path(args.work) / args.arch
     work.mkdir(parents=True, exist_ok=True)
-    src, dst = shape_of(ONE_B, args.layers), shape_of(TWO_B, args.dst_layers)
+    src, dst = shape_of(src_w, args.layers, fields), shape_of(dst_w, args.dst_layers, fields)
     src_yml, dst_yml = write_yaml(work / "src.yml", src), write_yaml(work / "dst.yml", dst)
     if not (work / "src" / "latest").exists():
         print(f"building the synthetic source ({src.param_count() * 2 / 2**30:.2f} GiB bf16) ...", file=sys.stderr)
         build_source(work / "src", src)
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     plan = plan_expansion(src, dst, dtype="bfloat16")
     sizes = [plan.file_bytes[i] // dst.tp for i in sorted(plan.file_bytes)]
     largest_layer_file = max(sizes)
 
-    runs, floors = [], []
+    runs, floors, others = [], [], []
+    argv = ["expand", "--src", str(work / "src"), "--src-config", str(src_yml), "--dst-config", str(dst_yml),
+            "--out", str(work / "out"), "--quiet"]
     for _ in range(args.repeats):
-        shutil.rmtree(work / "out", ignore_errors=True)
-        runs.append(child(CHILD, "expand", "--src", str(work / "src"), "--src-config", str(src_yml), "--dst-config",
-                          str(dst_yml), "--out", str(work / "out"), "--quiet"))
+        for root, into in ((ROOT, runs), *(((Path(args.compare), others),) if args.compare else ())):
+            shutil.rmtree(work / "out", ignore_errors=True)
+            into.append(child(CHILD, *argv, root=root))
         out_bytes = sum(p.stat().st_size for p in (work / "out").rglob("*.pt"))
         shutil.rmtree(work / "out", ignore_errors=True)
         floors.append(child(FLOOR, str(work / "src" / "global_step0"), str(work / "floor"), json.dumps(sizes)))
         shutil.rmtree(work / "floor", ignore_errors=True)
     exp = min(runs, key=lambda r: r["seconds"]) | {"peak_rss": max(r["peak_rss"] for r in runs)}
+    other = min(others, key=lambda r: r["seconds"]) | {"peak_rss": max(r["peak_rss"] for r in others)} if others else None
     floor = min(floors, key=lambda r: r["seconds"])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 
     all_runs = ", ".join(f"{r['seconds']:.1f}" for r in runs)
+    other_runs = ", ".join(f"{r['seconds']:.1f}" for r in others)
+    cpu_runs = ", ".join(f"{r['cpu']:.1f}" for r in runs)
+    other_cpu = ", ".join(f"{r['cpu']:.1f}" for r in others)
     all_floors = ", ".join(f"{r['seconds']:.1f}" for r in floors)
     gib = 2**30
     ratio = exp["seconds"] / floor["seconds"]
     rss_target = 2 * largest_layer_file + gib
-    depth = "full depth" if (args.layers, args.dst_layers) == (18, 22) else "REDUCED depth"
+    depth = "full depth" if (args.layers, args.dst_layers) == (layers, dst_layers) else "REDUCED depth"
     lines = [
         "",
         f"{dt.date.today()}, {platform.node() or 'machine'}: {platform.machine()}, {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__}, load average {load:.1f} at the end (shared machine), "
-        f"`python bench/expand_speed.py --layers {args.layers} --dst-layers {args.dst_layers} --repeats {args.repeats}`",
-        f"1B -> 2B widths (2048/7168/16 heads -> 2560/8960/20), {args.layers} -> {args.dst_layers} layers ({depth}), "
+        f"torch {torch.__version__}, load average {load_start:.1f} at the start, {load:.1f} at the end (shared machine), "
+        f"`python bench/expand_speed.py --arch {args.arch} --layers {args.layers} --dst-layers {args.dst_layers} "
+        f"--repeats {args.repeats}{' --compare ' + args.compare if args.compare else ''}`",
+        f"{label}, {args.layers} -> {args.dst_layers} layers ({depth}), "
         f"bf16, vocab {VOCAB}, AKI + b2b; source {src.param_count() * 2 / gib:.2f} GiB, output {out_bytes / gib:.2f} GiB.",
         "",
         "| measure | value |",
         "|---|---|",
         f"| expand wall time (best of {args.repeats}; all runs: {all_runs} s) | {exp['seconds']:.1f} s |",
+        f"| expand CPU time, user + sys, all threads (all runs: {cpu_runs} s; less sensitive to load) | "
+        f"{min(r['cpu'] for r in runs):.1f} s |",
         f"| I/O floor, all runs | {all_floors} s |",
         f"| I/O floor (load source + save output-size tensors + fsync), best | {floor['seconds']:.1f} s |",
         f"| ratio expand / floor (target <= 1.3) | {ratio:.2f} {'met' if ratio <= 1.3 else 'NOT met'} |",
@@ -177,6 +203,13 @@ def main() -> None:
         f"{'met' if exp['peak_rss'] <= rss_target else 'NOT met'} |",
         f"| peak RSS of the floor process | {floor['peak_rss'] / gib:.2f} GiB |",
     ]
+    if other:
+        lines += [
+            f"| --compare {args.compare}: expand wall time (best; all runs: {other_runs} s) | {other['seconds']:.1f} s |",
+            f"| --compare: ratio to the floor, peak RSS | {other['seconds'] / floor['seconds']:.2f}, "
+            f"{other['peak_rss'] / gib:.2f} GiB |",
+            f"| --compare: CPU time (all runs: {other_cpu} s) | {min(r['cpu'] for r in others):.1f} s |",
+        ]
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -51,6 +51,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -412,3 +413,49 @@ def neox_file_shapes(shape: ModelShape) -> dict[int, dict[str, tuple[int, ...]]]
 def part_bytes(part: str, shape: ModelShape, element_size: int) -> int:
     """Bytes of tensor data of one part over all TP ranks."""
     return shape.tp * sum(math.prod(s) for s in neox_part_shapes(part, shape).values()) * element_size
+
+
+# ---- expansion roles (issue 11): what each logical tensor does, as data ----------------------
+# The expansion (neox_progressive/expand/rules.py) widens a tensor by its role, never by its name:
+# a role names the rule, and `units` the per-layer map along the tensor's unit dimension (heads and
+# kv_heads in whole head_dim-row blocks, ffn neurons one row each). With NEOX_PARTS (NeoX key ->
+# logical keys) this maps every NeoX key of both architectures to its role; every logical key of
+# one NeoX tensor has the same rule (tests/test_expand_ops.py checks both tables).
+class Role(NamedTuple):
+    rule: str
+    units: str | None = None
+
+
+LAYER_ROLES: dict[str, Role] = {
+    "attn_norm.weight": Role("norm_scale"),
+    "attn_norm.bias": Role("norm_bias"),
+    "attn.q.weight": Role("reads_hidden", "heads"),
+    "attn.k.weight": Role("reads_hidden", "kv_heads"),
+    "attn.v.weight": Role("reads_hidden", "kv_heads"),
+    "attn.q.bias": Role("unit_bias", "heads"),
+    "attn.k.bias": Role("unit_bias", "kv_heads"),
+    "attn.v.bias": Role("unit_bias", "kv_heads"),
+    "attn.o.weight": Role("writes_residual", "heads"),
+    "attn.o.bias": Role("residual_bias"),
+    "mlp_norm.weight": Role("norm_scale"),
+    "mlp_norm.bias": Role("norm_bias"),
+    "mlp.gate.weight": Role("reads_hidden", "ffn"),
+    "mlp.up.weight": Role("reads_hidden", "ffn"),
+    "mlp.gate.bias": Role("unit_bias", "ffn"),
+    "mlp.up.bias": Role("unit_bias", "ffn"),
+    "mlp.down.weight": Role("writes_residual", "ffn"),
+    "mlp.down.bias": Role("residual_bias"),
+}
+"""Logical per-layer key -> its role (both architectures; a shape's keys come from `logical_layer_keys`)."""
+
+MODEL_ROLES: dict[str, Role] = {
+    "embed.weight": Role("embedding"),
+    "pos_embed.weight": Role("position_embedding"),
+    "final_norm.weight": Role("norm_scale"),
+    "final_norm.bias": Role("norm_bias"),
+    "head.weight": Role("head"),
+}
+"""Logical model-level key -> its role."""
+
+RESIDUAL_WRITERS = frozenset(k for k, r in LAYER_ROLES.items() if r.rule in ("writes_residual", "residual_bias"))
+"""What new_layer_init=zero_out sets to 0 on an added layer (it then adds nothing to the residual stream)."""

@@ -59,3 +59,61 @@ def logits(shape: ModelShape, sd: dict, x: torch.Tensor) -> torch.Tensor:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
+
+
+# ---- the literal operators of EXPANSION_SPEC section 1, written out by hand (loops over target units) ----
+# They exist only to check the package's rules (index gathers with block copies) against the spec's text.
+def counts_of(g) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for i in g.tolist():
+        out[i] = out.get(i, 0) + 1
+    return out
+
+
+def first_seen(g) -> list[bool]:
+    """False at the first occurrence of each source unit, True at later ones (AKI's new units)."""
+    seen, out = set(), []
+    for i in g.tolist():
+        out.append(i in seen)
+        seen.add(i)
+    return out
+
+
+def in_h(w: torch.Tensor, g) -> torch.Tensor:
+    """IN_h(W)[:, k] = W[:, g(k)] / c(g(k))."""
+    c = counts_of(g)
+    return torch.stack([w[:, i] / c[i] for i in g.tolist()], dim=1)
+
+
+def out_h(w: torch.Tensor, g, a) -> torch.Tensor:
+    """OUT_h(W)[k, ...] = a_k W[g(k), ...] (matrix or bias)."""
+    return torch.stack([float(a[k]) * w[i] for k, i in enumerate(g.tolist())])
+
+
+def norm_h(gamma: torch.Tensor, g, a) -> torch.Tensor:
+    """NORM_h(gamma)[k] = gamma[g(k)] / a_k."""
+    return torch.stack([gamma[i] / float(a[k]) for k, i in enumerate(g.tolist())])
+
+
+def rows_units(w: torch.Tensor, g, block: int) -> torch.Tensor:
+    """ROWS_H / ROWS_f: whole blocks of `block` rows (a head's dh rows, one FFN row), never split."""
+    return torch.cat([w[i * block:(i + 1) * block] for i in g.tolist()])
+
+
+def cols_units(w: torch.Tensor, g, block: int) -> torch.Tensor:
+    """COLS_H / COLS_f: whole column blocks divided by the unit's count."""
+    c = counts_of(g)
+    return torch.cat([w[:, i * block:(i + 1) * block] / c[i] for i in g.tolist()], dim=1)
+
+
+def pick(cur: torch.Tensor, upper: torch.Tensor, g, block: int, dim: int = 0) -> torch.Tensor:
+    """`cur`, except the blocks of new units (AKI) taken from `upper`, along `dim`."""
+    out = cur.clone()
+    for j, new in enumerate(first_seen(g)):
+        if new:
+            sl = slice(j * block, (j + 1) * block)
+            if dim == 0:
+                out[sl] = upper[sl]
+            else:
+                out[:, sl] = upper[:, sl]
+    return out

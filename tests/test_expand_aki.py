@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from expand_util import logits, rel_err, run_expand, shape, tokens, wider
+from expand_util import logits, rel_err, run_expand, shape, tokens, wider, write_source
 
 from neox_progressive.expand import ExpandOptions, load_maps, plan_expansion
 from neox_progressive.expand.maps import depth_order, unit_map
@@ -103,8 +103,51 @@ def test_depth_copies_are_the_widened_layers(tmp_path):
     assert rec["depth_order"] == [0, 1, 0, 1, 1]
     for t, s in enumerate(rec["depth_order"]):
         for key in LAYER_KEYS:
-            a, b = dsd[f"layers.{t}.{key}"], dsd[f"layers.{s}.{key}"]
-            assert torch.equal(a, b) and (t == s or a.data_ptr() != b.data_ptr())
+            assert torch.equal(dsd[f"layers.{t}.{key}"], dsd[f"layers.{s}.{key}"])
+
+
+def _memory(t: torch.Tensor) -> tuple[int, int]:
+    s = t.untyped_storage()
+    return s.data_ptr(), s.data_ptr() + s.nbytes()
+
+
+def _shared(a: torch.Tensor, b: torch.Tensor) -> bool:
+    (a0, a1), (b0, b1) = _memory(a), _memory(b)
+    return a0 < b1 and b0 < a1
+
+
+def test_no_aliasing_where_it_can_happen(tmp_path, monkeypatch):
+    """Copies must be independent tensors (EXPANSION_SPEC section 6). Checked where aliasing can happen: (1) in the
+    dicts the executor hands the writer, no tensor shares memory with another of the same part or with a source
+    tensor (the memory-mapped checkpoint the next layer is read from); (2) in a pp=0 save, where every layer lands in
+    one torch.save and shared storages would load back shared, every tensor has its own storage."""
+    from tiny import write_yaml
+
+    from neox_progressive.expand import expand_checkpoint
+    from neox_progressive.io.reader import CheckpointReader
+    from neox_progressive.io.safe import load_pt
+    from neox_progressive.io.writer import CheckpointWriter
+
+    src = shape(num_layers=2, attn_bias=True, mlp_bias=True, num_kv_heads=2)
+    dst = wider(src, 6, 3, ffn=60, num_layers=5, pp=0)
+    src_dir, src_yml, _ = write_source(tmp_path, src)
+    handed, read = [], []
+    write_layer, read_layer = CheckpointWriter.write_layer, CheckpointReader.layer
+    monkeypatch.setattr(CheckpointWriter, "write_layer", lambda w, i, layer: (handed.append(dict(layer)),
+                                                                              write_layer(w, i, layer))[1])
+    monkeypatch.setattr(CheckpointReader, "layer", lambda r, i: read.append(read_layer(r, i)) or read[-1])
+    opts = ExpandOptions(method="aki", aki_second="upper", aki_hidden="upper", new_layer_init="zero_out")
+    rec = expand_checkpoint(src_dir, [src_yml], [write_yaml(tmp_path / "dst.yml", dst)], tmp_path / "out", opts, quiet=True)
+    assert len(handed) == 5 and rec["depth_order"] == [0, 1, 0, 1, 1] and read
+    sources = [t for layer in read for t in layer.values()]
+    for layer in handed:
+        values = list(layer.items())
+        for i, (k, v) in enumerate(values):
+            assert not any(_shared(v, w) for _, w in values[i + 1:]), f"{k} shares memory within its part"
+            assert not any(_shared(v, s) for s in sources), f"{k} shares memory with a source tensor"
+    module = load_pt(tmp_path / "out" / "global_step0" / "mp_rank_00_model_states.pt")["module"]
+    storages = [_memory(t) for t in module.values()]
+    assert len(module) > 5 * len(LAYER_KEYS) and len(set(storages)) == len(storages)
 
 
 def test_determinism_same_seed_any_tp_and_manifest_reload(tmp_path):

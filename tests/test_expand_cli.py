@@ -47,8 +47,7 @@ def test_dry_run_of_the_paper_family(tmp_path, capsys):
     vocab = tmp_path / "vocab.json"
     vocab.write_text(json.dumps({f"t{i}": i for i in range(GPT2_VOCAB)}))
     names = list(FAMILY)
-    tracemalloc.start()
-    t0 = time.perf_counter()
+    tracemalloc.start()  # no wall-clock assert (the plan's speed is in bench/; tests run on loaded machines)
     for a, b in zip(names, names[1:]):
         argv = ["expand", "--src", str(tmp_path / f"{a}_ckpt"), "--src-config", str(family_yaml(tmp_path, a, vocab)),
                 "--dst-config", str(family_yaml(tmp_path, b, vocab)), "--out", str(tmp_path / f"{b}_expanded"),
@@ -64,10 +63,8 @@ def test_dry_run_of_the_paper_family(tmp_path, capsys):
         assert plan["target_bytes"] == 2 * params(h, f, layers)  # bf16
         assert plan["largest_layer_file_bytes"] == 2 * (4 * h * h + 3 * h * f + 2 * h)
         assert len(plan["depth_order"]) == layers
-    elapsed = time.perf_counter() - t0
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert elapsed < 10, elapsed
     assert peak < 200 * 2**20, peak  # no weights (the 8B target alone is 16 GB)
     assert not any(p.name.endswith("_expanded") for p in tmp_path.iterdir())
 
@@ -100,7 +97,7 @@ BAD = {
     "head_dim": (lambda s: s.replace(hidden_size=48, padded_vocab_size=None), {}, "head_dim: source 32/4 = 8"),
     "bias": (lambda s: wider(s, 5, attn_bias=True), {}, "use_bias_in_attn_linear: source False, target True"),
     "rotary": (lambda s: wider(s, 5, rotary_pct=0.5), {}, "rotary_pct: source 1.0, target 0.5"),
-    "norm": (lambda s: wider(s, 5), {"norm": "layernorm"}, "config key norm: 'layernorm' is not supported"),
+    "norm": (lambda s: wider(s, 5), {"norm": "layernorm"}, "norm: source 'rmsnorm', target 'layernorm'; expansion keeps"),
     "gqa": (lambda s: wider(s.replace(num_kv_heads=2), 6, 6), {}, "use num_kv_heads in [2, 3]"),
     "tp_heads": (lambda s: wider(s, 5), {"model_parallel_size": 2}, "model_parallel_size 2 must divide num_attention_heads 5"),
 }
@@ -181,7 +178,8 @@ def test_help_and_thin_script(tmp_path):
                          text=True, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=""))
     assert out.returncode == 0
     for text in ("--method", "--depth-rule", "--new-layer-init", "--rms-comp", "--map-sampling", "--gqa-layout",
-                 "--aki-second", "--aki-hidden", "--dry-run", "bert2BERT Algorithm 1", "none for aki, exact for fpi"):
+                 "--aki-second", "--aki-hidden", "--dry-run", "bert2BERT Algorithm 1", "none for aki, exact for fpi",
+                 "LayerNorm exact only when every hidden unit is copied equally often", "bert2BERT's approximation"):
         assert text in " ".join(out.stdout.split()), text
 
 
@@ -206,3 +204,40 @@ def test_manifest_inside_out(tmp_path, capsys):
     with np.load(tmp_path / "o" / rec["maps_file"]) as z:
         assert z["hidden"].shape == (40,) and z["layer1.ffn"].shape == (60,)
     assert (tmp_path / "o" / "latest").read_text() == "global_step0"
+
+
+CLASSIC = dict(norm="layernorm", activation="gelu", gelu_approx="tanh", attn_bias=True, mlp_bias=True,
+               parallel_residual=True, rotary_pct=0.25, ffn_size=64)
+CLASSIC_BAD = {  # (target shape, target extra keys, source extra keys, extra argv, the message)
+    "classic_to_llama": (lambda s: wider(s, 6, ffn=96, norm="rmsnorm", activation="swiglu", parallel_residual=False,
+                                         rotary_pct=1.0), {}, {}, [],
+                         "norm: source 'layernorm', target 'rmsnorm'; expansion keeps the architecture (the source is "
+                         "neox, the target llama): set norm: 'layernorm' in the target config"),
+    "gelu_flavour": (lambda s: wider(s, 6, ffn=96, gelu_approx="erf"), {}, {}, [],
+                     "bias_gelu_fusion (the GeLU flavour: tanh or erf): source 'tanh', target 'erf'"),
+    "tied_target": (lambda s: wider(s, 6, ffn=96), {"no_weight_tying": False}, {}, [],
+                    "config key no_weight_tying: False is not supported"),
+    "tied_source": (lambda s: wider(s, 6, ffn=96), {}, {"no_weight_tying": False}, [],
+                    "config key no_weight_tying: False is not supported"),
+    "moe": (lambda s: wider(s, 6, ffn=96), {"moe_num_experts": 2}, {}, [], "config key moe_num_experts: 2 is not supported"),
+    "rms_comp_exact": (lambda s: wider(s, 6, ffn=96), {}, {}, ["--method", "fpi", "--rms-comp", "exact"],
+                       "rms_comp exact: the residual rescaling keeps RMSNorm's mean square, but this model uses LayerNorm"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLASSIC_BAD))
+def test_classic_bad_inputs_refused_in_one_line_by_the_cli(tmp_path, case):
+    """The real CLI in a subprocess: exit status 2, one line on stderr naming the key, nothing written."""
+    make, dst_extra, src_extra, argv, msg = CLASSIC_BAD[case]
+    src = shape(**CLASSIC)
+    src_dir, _, _ = write_source(tmp_path, src)
+    src_yml = write_yaml(tmp_path / "src_cfg.yml", src, **src_extra)
+    dst_yml = write_yaml(tmp_path / "dst.yml", make(src), **dst_extra)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = subprocess.run([sys.executable, "-m", "neox_progressive", "expand", "--src", str(src_dir), "--src-config",
+                           str(src_yml), "--dst-config", str(dst_yml), "--out", str(tmp_path / "o"), "--quiet", *argv],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=tmp_path)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    assert msg in err, err
+    assert proc.stdout == "" and sorted(p.name for p in tmp_path.iterdir()) == before

@@ -1,8 +1,10 @@
 """Grow a trained NeoX checkpoint into the initialization of a bigger model (bert2BERT AKI or exact FPI).
 
-Width (hidden, heads with head_dim fixed, FFN) and depth in one pass, width first then depth
-(bert2BERT Algorithm 1), one global hidden-unit map, heads copied as whole blocks, one FFN map
-for gate and up (EXPANSION_SPEC.md). The target's TP degree and format (model_parallel_size,
+Both architectures NeoX trains: the Llama shape and NeoX's classic transformer (Pythia: LayerNorm,
+GeLU, biases, gpt_j_residual, partial rotary). Width (hidden, heads with head_dim fixed, FFN) and
+depth in one pass, width first then depth (bert2BERT Algorithm 1), one global hidden-unit map, heads
+copied as whole blocks, one FFN map for gate and up (EXPANSION_SPEC.md); each tensor by the rule of
+its role (expand/rules.py). The target's TP degree and format (model_parallel_size,
 pipe_parallel_size) come from --dst-config: the tool reshards on output. The result loads in
 NeoX with `finetune: true`; `expansion.json` (shapes, options, seed, maps sha, source sha256s,
 command line) and `expansion_maps.npz` (every index map) are written inside --out.
@@ -15,14 +17,23 @@ Defaults and the reading of bert2BERT each follows:
   --aki-second current    Wo / W_down columns from layer l (the literal per-matrix reading, LEMON's AKI baseline)
   --aki-hidden copy       new hidden rows of Wo / W_down are copies (the residual stream stays consistent)
   --map-sampling uniform  bert2BERT's f(.): uniform with replacement
-Every check (shapes only grow, head_dim, vocab, architecture flags, GQA layout, TP divisibility)
+
+Exactness (FPI) is decided by the norms and the added layers:
+  RMSNorm    exact with --rms-comp exact at any width ratio (or balanced maps at an integer ratio)
+  LayerNorm  exact only when every hidden unit is copied equally often: an integer width ratio with
+             --map-sampling balanced (then gamma' = gamma[g], beta' = beta[g]). Otherwise FPI is
+             bert2BERT's approximation: the mean and variance of the widened stream change. --rms-comp
+             exact keeps the mean square, not the mean, so it cannot fix LayerNorm and is refused;
+             --rms-comp is none there.
+  depth      added layers are the identity only with --new-layer-init zero_out
+--dry-run and expansion.json say `exact: true|false` and why.
+Every check (shapes only grow, head_dim, vocab, the architecture, GQA layout, TP divisibility)
 runs before anything is written; the output is written atomically.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 
 from neox_progressive.expand.options import CHOICES, ExpandOptions
 
@@ -47,7 +58,8 @@ def add_arguments(p) -> None:
     p.add_argument("--new-layer-init", choices=CHOICES["new_layer_init"], default="copy",
                    help="added layers: copy (default) or zero_out (Wo = W_down = 0: the layer is the identity)")
     p.add_argument("--rms-comp", choices=["none", "exact"], default=None,
-                   help="RMSNorm compensation; default none for aki, exact for fpi (what makes FPI exactly function preserving)")
+                   help="RMSNorm compensation; default none for aki, exact for fpi (what makes FPI exactly function "
+                        "preserving); LayerNorm models: none only (see above)")
     p.add_argument("--map-sampling", choices=CHOICES["map_sampling"], default="uniform",
                    help="new units: uniform with replacement (default, the paper's) or balanced permutations")
     p.add_argument("--gqa-layout", choices=CHOICES["gqa_layout"], default="auto",
@@ -58,7 +70,9 @@ def add_arguments(p) -> None:
                    help="AKI Wo/W_down rows of new hidden units: copy (default) or from upper layer l+1")
     p.add_argument("--seed", type=int, default=0, help="seed of the hashed unit maps (default 0)")
     p.add_argument("--stage", default="", help="stage name mixed into the hashed draws (chained stages differ)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan (shapes, maps, bytes); load no tensors")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (shapes, maps, exactness, every target tensor's rule, sources, shape and bytes; "
+                        "--format json for the full list); load no tensors")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--format", choices=["text", "json"], default="text", help="output format")
@@ -86,17 +100,15 @@ def run(args) -> int:
                 print(f"  (no checkpoint at {args.src} yet: planned from the configs, dtype {plan.dtype})")
             print(f"dry run: nothing written (would write {args.out})")
         return 0
-    if not args.quiet and args.format == "text":
-        print(f"expand: method {options.method}, rms_comp {options.resolved_rms_comp} "
-              f"(default for {options.method})" if args.rms_comp is None else
-              f"expand: method {options.method}, rms_comp {options.resolved_rms_comp}", file=sys.stderr)
     record = expand_checkpoint(args.src, args.src_config, args.dst_config, args.out, options, force=args.force,
                                quiet=args.quiet, stage=args.stage)
     if args.format == "json":
         print(json.dumps(record, indent=1, default=str))
     else:
-        t = record["target"]
+        t, o = record["target"], record["options"]
+        default = " (default)" if args.rms_comp is None else ""
         print(f"wrote {args.out}: {t['num_layers']} layers, hidden {t['hidden_size']}, heads {t['num_heads']}/"
-              f"{t['num_kv_heads']}, ffn {t['ffn_size']}, TP {t['tp']}, {record['target_bytes']:,} bytes "
-              f"(expansion.json inside)")
+              f"{t['num_kv_heads']}, ffn {t['ffn_size']}, TP {t['tp']}, {record['target_bytes']:,} bytes; method "
+              f"{o['method']}, rms_comp {o['rms_comp']}{default}; exact: {'yes' if record['exact'] else 'no'} "
+              f"({record['exact_reason']}); expansion.json inside")
     return 0

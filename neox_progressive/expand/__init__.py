@@ -7,10 +7,13 @@ Public API (the family runner and the `expand` verb use these):
 - `expand_checkpoint(src, src_configs, dst_configs, out, options, *, force, quiet, stage) -> dict`:
   writes `out` atomically with `expansion.json` inside it and returns that record.
 - `plan_expansion(src_shape, dst_shape, options, stage)` -> `ExpansionPlan` (pure, no tensors;
-  `--dry-run` prints `plan.describe()`), `plan_for(src, src_configs, dst_configs, options, stage)`.
+  `--dry-run` prints `plan.describe()`, `--dry-run --format json` `plan.summary()` with every target
+  tensor's rule, sources, maps, shape and bytes), `plan_for(src, src_configs, dst_configs, options, stage)`.
 
-Layout: maps.py (unit maps, hashed draws, GQA layouts, depth orders), plan.py (checks + plan),
-ops.py (tensor rules), run.py (streaming executor). The rules are EXPANSION_SPEC.md's.
+Layout: maps.py (unit maps, hashed draws, GQA layouts, depth orders), plan.py (checks, exactness,
+the tensor list), rules.py (one pure rule per tensor role, registered by name; the roles of the
+keys are data in `arch.LAYER_ROLES` / `arch.MODEL_ROLES`), run.py (streaming executor). The rules
+are EXPANSION_SPEC.md's, extended to NeoX's classic transformer (LayerNorm, GeLU, biases).
 """
 
 from neox_progressive.expand.options import ExpandOptions

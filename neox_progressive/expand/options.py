@@ -9,6 +9,8 @@ bert2BERT where the sources leave a choice open (EXPANSION_SPEC section 5):
   the added layers, which makes them the identity (exact with FPI).
 - rms_comp: None picks the method's default, `none` for aki (as bert2BERT/AquilaMoE), `exact`
   for fpi (residual rescaling that makes RMSNorm exact at any width ratio, EXPANSION_SPEC sec. 4).
+  LayerNorm models (NeoX's classic transformer): always `none`; `exact` cannot make LayerNorm
+  exact and is refused (`plan.resolve_rms_comp`; the derivation is in expand/rules.py).
 - map_sampling `uniform` (bert2BERT: i.i.d. with replacement); `balanced` permutations.
 - gqa_layout `auto` (mha, g_fixed or kv_fixed, whichever the head counts allow).
 - aki_second `current` (Wo / W_down columns from layer l, the LEMON AKI baseline's literal
@@ -61,7 +63,9 @@ class ExpandOptions:
 
     @property
     def resolved_rms_comp(self) -> str:
-        """`rms_comp`, with None replaced by the method's default (aki: none, fpi: exact)."""
+        """`rms_comp`, with None replaced by the method's default for RMSNorm models (aki: none, fpi: exact).
+
+        The plan's `rms_comp` (`plan.resolve_rms_comp`) is the one applied: LayerNorm models get none."""
         if self.rms_comp is not None:
             return self.rms_comp
         return "exact" if self.method == "fpi" else "none"

@@ -1,9 +1,12 @@
 """The pure planner of an expansion: shapes and options in, every map and byte count out.
 
 `plan_expansion(src, dst, options, stage)` checks everything the expansion needs before any
-tensor is read (EXPANSION_SPEC sections 2, 4, 7; issue 4 "Requirements") and builds every unit
-map (maps.py) and the depth order. The executor (run.py) only follows the plan, and `--dry-run`
-prints it. Nothing here allocates weights, so the real family shapes plan in well under a second.
+tensor is read (EXPANSION_SPEC sections 2, 4, 7; issue 4 "Requirements"), builds every unit map
+(maps.py) and the depth order, and lists every target tensor as a `TensorOp`: its rule (the role
+of its key in `arch.LAYER_ROLES` / `arch.MODEL_ROLES`), source keys, maps, shape and bytes. The
+executor (run.py) only follows that list, and `--dry-run` prints it. The plan also says whether
+the expansion is exact (function preserving) and why. Nothing here allocates weights, so the real
+family shapes plan in well under a second.
 """
 
 from __future__ import annotations
@@ -20,6 +23,34 @@ from neox_progressive.expand import maps
 from neox_progressive.expand.options import DEFAULT_OPTIONS, ExpandOptions
 
 DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class TensorOp:
+    """One target tensor: `RULES[rule]` applied to the source tensors `sources` with the maps `maps`."""
+
+    key: str
+    """Target logical key, e.g. ``layers.3.attn.q.weight``."""
+    rule: str
+    sources: tuple[str, ...]
+    """Source logical keys: layer l's tensor, and under AKI layer l+1's when the rule reads it."""
+    maps: tuple[str, ...]
+    """Names of the maps the rule reads (as in `expansion_maps.npz`): "hidden", "layer<l>.heads", ..."""
+    shape: tuple[int, ...]
+    bytes: int
+
+    @property
+    def units(self) -> str | None:
+        return self.maps[1] if len(self.maps) > 1 else None
+
+    @property
+    def compute(self) -> tuple:
+        """What the value depends on (target layers that copy one source layer share it)."""
+        return self.rule, self.sources, self.maps
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "rule": self.rule, "sources": list(self.sources), "maps": list(self.maps),
+                "shape": list(self.shape), "bytes": self.bytes}
 
 
 @dataclass(frozen=True)
@@ -47,6 +78,11 @@ class ExpansionPlan:
     """Target layer t copies widened source layer order[t]."""
     added: list[bool]
     dtype: str
+    exact: bool = False
+    """True when the expansion is function preserving (in exact arithmetic); `exact_reason` says why or why not."""
+    exact_reason: str = ""
+    tensors: list[TensorOp] = field(default_factory=list)
+    """Every target tensor, in writing order."""
     file_bytes: dict[int, int] = field(default_factory=dict)
     """NeoX layer-file index -> bytes of all its TP-rank files (tensor data)."""
 
@@ -65,6 +101,14 @@ class ExpansionPlan:
     def targets_of(self, source_layer: int) -> list[int]:
         return [t for t, s in enumerate(self.order) if s == source_layer]
 
+    def layer_ops(self, target_layer: int) -> list[TensorOp]:
+        prefix = f"layers.{target_layer}."
+        return [op for op in self.tensors if op.key.startswith(prefix)]
+
+    def model_ops(self) -> dict[str, TensorOp]:
+        """The tensors outside the transformer layers (embeddings, final norm, head), by key."""
+        return {op.key: op for op in self.tensors if not op.key.startswith("layers.")}
+
     def maps_arrays(self) -> dict[str, np.ndarray]:
         """Every map as a named array (the `expansion_maps.npz` sidecar)."""
         out = {"hidden": self.hidden, "depth_order": np.asarray(self.order, dtype=np.int64)}
@@ -78,12 +122,14 @@ class ExpansionPlan:
         s, d = self.src, self.dst
         return {
             "source": _shape_record(s), "target": _shape_record(d),
-            "method": self.options.method, "options": self.options.to_dict(), "stage": self.stage,
+            "method": self.options.method, "options": self.options.to_dict() | {"rms_comp": self.rms_comp},
+            "stage": self.stage, "exact": self.exact, "exact_reason": self.exact_reason,
             "gqa_layout": self.gqa_layout,
             "depth_order": self.order, "added_layers": [t for t, a in enumerate(self.added) if a],
             "dtype": self.dtype, "target_params": d.param_count(), "target_bytes": self.total_bytes,
             "largest_file_bytes": max(self.file_bytes.values()),
             "largest_layer_file_bytes": self.file_bytes[arch.layer_index(0)],
+            "tensors": [op.to_dict() for op in self.tensors],
         }
 
     def describe(self) -> str:
@@ -111,7 +157,35 @@ class ExpansionPlan:
                     f"({self.total_bytes / gib:.2f} GiB, {self.dtype}); largest file "
                     f"{max(self.file_bytes.values()) / gib:.3f} GiB; one transformer layer "
                     f"{self.file_bytes[arch.layer_index(0)] / gib:.3f} GiB")
+        rows.append(f"  exact: {'yes' if self.exact else 'NO'}: {self.exact_reason}")
+        rows += self.describe_tensors()
         return "\n".join(rows)
+
+    def describe_tensors(self) -> list[str]:
+        """The tensor list, readable: the model-level tensors, one target layer's rules, then each layer's sources."""
+        def line(op: TensorOp, key: str) -> str:
+            shape = "x".join(map(str, op.shape))
+            return f"    {key:28}{op.rule:18}{', '.join(op.maps):24}{shape:>14}{op.bytes:>16,}"
+
+        model = self.model_ops()
+        rows = [f"  tensors ({len(self.tensors)}; rule, maps, target shape, bytes in {self.dtype}):"]
+        first = arch.logical_part_keys("embed", self.dst)
+        rows += [line(op, key) for key, op in model.items() if key in first]
+        for op in self.layer_ops(0):
+            generic = TensorOp(op.key, op.rule, op.sources, tuple(m.replace("layer0.", "layer<s>.") for m in op.maps),
+                               op.shape, op.bytes)
+            rows.append(line(generic, "layers.T." + op.key.split(".", 2)[2]))
+        rows += [line(op, key) for key, op in model.items() if key not in first]
+        rows.append("  target layer T <- source layer s (+ s+1: AKI's upper layer; maps of s):")
+        parts = []
+        for t in range(self.dst.num_layers):
+            ops = self.layer_ops(t)
+            layers = sorted({int(k.split(".")[1]) for op in ops for k in op.sources})
+            zero = " zero writers" if any(op.rule == "zero_writer" for op in ops) else ""
+            parts.append(f"{t}<-{'+'.join(map(str, layers))}{zero}")
+        for i in range(0, len(parts), 8):
+            rows.append("    " + "  ".join(parts[i:i + 8]))
+        return rows
 
 
 def _first(g: np.ndarray) -> np.ndarray:
@@ -142,6 +216,20 @@ def target_vocab(src: ModelShape, dst: ModelShape) -> ModelShape:
     return dst.replace(padded_vocab_size=padded, vocab_size=dst.vocab_size or src.vocab_size)
 
 
+# (NeoX config key, ModelShape field) that source and target must share: the architecture itself
+ARCHITECTURE_KEYS = [("norm", "norm"), ("activation", "activation"), ("gpt_j_residual", "parallel_residual"),
+                     ("pos_emb", "pos_emb"), ("use_bias_in_attn_linear", "attn_bias"), ("use_bias_in_mlp", "mlp_bias")]
+CONDITIONAL_KEYS = [
+    ("bias_gelu_fusion (the GeLU flavour: tanh or erf)", "gelu_approx", lambda s: s.activation == "gelu"),
+    ("rotary_pct", "rotary_pct", lambda s: s.pos_emb == "rotary"),
+    ("rotary_emb_base", "rotary_emb_base", lambda s: s.pos_emb == "rotary"),
+    ("rms_norm_epsilon", "rms_norm_eps", lambda s: s.norm == "rmsnorm"),
+    ("layernorm_epsilon", "layernorm_eps", lambda s: s.norm == "layernorm"),
+    ("max_position_embeddings (the rows of the learned position table)", "max_position_embeddings",
+     lambda s: s.pos_emb == "learned"),
+]
+
+
 def check_shapes(src: ModelShape, dst: ModelShape) -> None:
     """One-line UserErrors for every pair of shapes the expansion cannot map."""
     for name, key in [("hidden_size", "hidden_size"), ("num_layers", "num_layers"),
@@ -154,13 +242,13 @@ def check_shapes(src: ModelShape, dst: ModelShape) -> None:
         raise UserError(f"head_dim: source {src.hidden_size}/{src.num_heads} = {src.head_dim}, target "
                         f"{dst.hidden_size}/{dst.num_heads} = {dst.head_dim}; heads are copied whole, so head_dim must "
                         f"stay: use num_attention_heads = hidden_size / {src.head_dim} in the target")
-    for name, key in [("use_bias_in_attn_linear", "attn_bias"), ("use_bias_in_mlp", "mlp_bias"),
-                      ("rotary_pct", "rotary_pct"), ("rotary_emb_base", "rotary_emb_base"),
-                      ("rms_norm_epsilon", "rms_norm_eps")]:
+    for name, key in ARCHITECTURE_KEYS + [(n, k) for n, k, when in CONDITIONAL_KEYS if when(src) or when(dst)]:
         a, b = getattr(src, key), getattr(dst, key)
         if a != b:
-            raise UserError(f"{name}: source {a!r}, target {b!r}; expansion keeps the architecture: set {name}: {a!r} "
-                            "in the target config")
+            kind = (f" (the source is {src.architecture}, the target {dst.architecture})"
+                    if src.architecture != dst.architecture else "")
+            raise UserError(f"{name}: source {a!r}, target {b!r}; expansion keeps the architecture{kind}: set "
+                            f"{name}: {a!r} in the target config")
 
 
 def plan_expansion(src: ModelShape, dst: ModelShape, options: ExpandOptions = DEFAULT_OPTIONS, stage: str = "",
@@ -181,8 +269,93 @@ def plan_expansion(src: ModelShape, dst: ModelShape, options: ExpandOptions = DE
     dtype = dtype or src.params_dtype
     if dtype not in DTYPE_BYTES:
         raise UserError(f"source dtype {dtype} is not supported; expected one of {', '.join(DTYPE_BYTES)}")
-    plan = ExpansionPlan(src, dst, options, stage, options.resolved_rms_comp, layout, hidden, layers, order,
-                         maps.added_layers(order), dtype)
+    rms_comp = resolve_rms_comp(src, options)
+    added = maps.added_layers(order)
+    exact, why = exactness(src, dst, options, rms_comp, hidden, added)
+    plan = ExpansionPlan(src, dst, options, stage, rms_comp, layout, hidden, layers, order, added, dtype, exact, why)
+    plan.tensors = tensor_ops(plan)
     plan.file_bytes = {index: dst.tp * sum(int(np.prod(s)) for s in keys.values()) * DTYPE_BYTES[dtype]
                        for index, keys in arch.neox_file_shapes(dst).items()}
     return plan
+
+
+# ---- the tensor list -------------------------------------------------------------------------
+UPPER_READERS = {"reads_hidden", "unit_bias"}
+"""Rules that read layer l+1 under AKI whatever the switches (the rows of new units)."""
+
+
+def _reads_upper(rule: str, options: ExpandOptions) -> bool:
+    if options.method != "aki":
+        return False
+    return (rule in UPPER_READERS or (rule == "writes_residual" and "upper" in (options.aki_second, options.aki_hidden))
+            or (rule == "residual_bias" and options.aki_hidden == "upper"))
+
+
+def tensor_ops(plan: ExpansionPlan) -> list[TensorOp]:
+    """Every target tensor of the plan: roles from `arch`, depth order, AKI's upper layer, zero_out."""
+    dst, opt, size = plan.dst, plan.options, DTYPE_BYTES[plan.dtype]
+
+    def op(key, rule, sources, units, shape):
+        return TensorOp(key, rule, tuple(sources), ("hidden",) + ((units,) if units else ()), tuple(shape),
+                        int(np.prod(shape)) * size)
+
+    model_shapes = arch.logical_global_shapes(dst)
+
+    def part_ops(part):
+        return [op(k, arch.MODEL_ROLES[k].rule, [k], None, model_shapes[k]) for k in arch.logical_part_keys(part, dst)]
+
+    out = part_ops("embed")
+    shapes = arch.logical_layer_shapes(dst)
+    for t, s in enumerate(plan.order):
+        zero = plan.added[t] and opt.new_layer_init == "zero_out"
+        upper = s + 1 if s + 1 < plan.src.num_layers else None
+        for key, shape in shapes.items():
+            role = arch.LAYER_ROLES[key]
+            rule = "zero_writer" if zero and key in arch.RESIDUAL_WRITERS else role.rule
+            sources = [f"layers.{s}.{key}"]
+            if upper is not None and rule != "zero_writer" and _reads_upper(rule, opt):
+                sources.append(f"layers.{upper}.{key}")
+            out.append(op(f"layers.{t}.{key}", rule, sources, role.units and f"layer{s}.{role.units}", shape))
+    return out + part_ops("final_norm") + part_ops("head")
+
+
+# ---- rms_comp and exactness ------------------------------------------------------------------
+def resolve_rms_comp(src: ModelShape, options: ExpandOptions) -> str:
+    """`rms_comp` with its default filled in: exact for FPI of an RMSNorm model, none otherwise.
+
+    LayerNorm: the residual rescaling of rms_comp=exact keeps the mean square but not the mean, so it
+    cannot make a LayerNorm model exact (expand/rules.py derives it); it is refused, not silently
+    applied.
+    """
+    if src.norm == "layernorm":
+        if options.rms_comp == "exact":
+            raise UserError("rms_comp exact: the residual rescaling keeps RMSNorm's mean square, but this model uses "
+                            "LayerNorm, whose mean no rescaling keeps when map counts differ; use rms_comp none (FPI is "
+                            "then exact at an integer width ratio with map_sampling balanced)")
+        return "none"
+    return options.resolved_rms_comp
+
+
+def exactness(src: ModelShape, dst: ModelShape, options: ExpandOptions, rms_comp: str, hidden: np.ndarray,
+              added: list[bool]) -> tuple[bool, str]:
+    """(exact, reason): whether the expansion preserves the source's function in exact arithmetic."""
+    grows = dst.num_heads > src.num_heads or dst.ffn_size > src.ffn_size
+    if options.method == "aki" and src.num_layers > 1 and grows:
+        return False, ("aki: new heads and FFN neurons take source layer l+1's weights (bert2BERT AKI is not "
+                       "function preserving by design)")
+    c = maps.counts(hidden, src.hidden_size)
+    ratio = f"{src.hidden_size} -> {dst.hidden_size} (x{dst.hidden_size / src.hidden_size:.4g})"
+    why = []
+    if int(c.min()) != int(c.max()):
+        if src.norm == "layernorm":
+            why.append(f"LayerNorm under a hidden map with unequal counts, {ratio}, map_sampling {options.map_sampling}: "
+                       "bert2BERT's approximation (exact needs an integer width ratio and map_sampling balanced)")
+        elif rms_comp != "exact":
+            why.append(f"RMSNorm under a hidden map with unequal counts, {ratio}, rms_comp none: the mean square "
+                       "changes (rms_comp exact, or map_sampling balanced at an integer ratio, makes it exact)")
+    if any(added) and options.new_layer_init == "copy":
+        why.append("added layers are copies (new_layer_init copy); zero_out makes them the identity")
+    if why:
+        return False, "; ".join(why)
+    how = "every hidden unit copied equally often" if int(c.min()) == int(c.max()) else "rms_comp exact"
+    return True, f"function preserving ({options.method}; norms: {how}; heads whole, FFN and head columns / c)"

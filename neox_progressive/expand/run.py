@@ -1,16 +1,19 @@
 """The streaming executor: read a NeoX checkpoint, write its expansion, one layer at a time.
 
-Width first, then depth (bert2BERT Algorithm 1): source layer l is widened once (AKI reads l and
-l+1), then written to every target position whose depth order names it. The writer takes layers
-in any order, so b2b's revisits of earlier layers need neither a cache nor a recomputation.
-Memory: the source layers l and l+1, the widened layer and the writer's per-rank copies; the
-embedding and head are widened in row chunks. Output: TP degree and format of the target config,
+It follows the plan's tensor list (plan.py): each target tensor is `rules.RULES[op.rule]` applied to
+its source keys with its maps. Width first, then depth (bert2BERT Algorithm 1): the target layers
+that copy source layer l are built together, each distinct (rule, sources, maps) computed once (AKI
+reads l and l+1), and written to every target position whose depth order names it. The writer
+takes layers in any order, so b2b's revisits of earlier layers need neither a cache nor a
+recomputation. Memory: the source layers l and l+1, the widened layer and the writer's per-rank
+copies; the embedding and head are widened in row chunks. Output: TP degree and format of the target config,
 written atomically (nothing at `out` until `latest` is in place), with `expansion.json` and the
 maps (`expansion_maps.npz`) inside `out`.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -26,9 +29,9 @@ import torch
 from neox_progressive import __version__, arch
 from neox_progressive.config import ModelShape
 from neox_progressive.errors import UserError
-from neox_progressive.expand import ops
+from neox_progressive.expand import rules
 from neox_progressive.expand.options import DEFAULT_OPTIONS, ExpandOptions
-from neox_progressive.expand.plan import ExpansionPlan, plan_expansion
+from neox_progressive.expand.plan import ExpansionPlan, TensorOp, plan_expansion
 from neox_progressive.io.reader import CheckpointReader
 from neox_progressive.io.writer import CheckpointWriter, check_destination
 
@@ -58,19 +61,27 @@ def plan_for(src, src_configs, dst_configs, options: ExpandOptions = DEFAULT_OPT
     return plan_expansion(src_shape, dst_shape, options, stage, dtype=dtype), reader
 
 
-def _units(plan: ExpansionPlan, layer: int) -> ops.LayerUnits:
-    m = plan.layers[layer]
-    s = plan.src
-    return ops.LayerUnits(
-        hidden=ops.Unit.of(plan.hidden, s.hidden_size), heads=ops.Unit.of(m.heads, s.num_heads),
-        kv_heads=ops.Unit.of(m.kv_heads, s.num_kv_heads), ffn=ops.Unit.of(m.ffn, s.ffn_size),
-        alpha=torch.from_numpy(plan.alpha()), head_dim=s.head_dim,
-    )
+class _MapCache:
+    """The plan's maps as torch units (built once each), and the Maps of a TensorOp."""
 
+    def __init__(self, plan: ExpansionPlan):
+        self.plan = plan
+        self.arrays = plan.maps_arrays()
+        self.alpha = torch.from_numpy(plan.alpha())
+        self.units: dict[str, rules.Unit] = {}
 
-def _work(t: torch.Tensor) -> torch.Tensor:
-    """Math dtype: fp32, or fp64 for fp64 sources (EXPANSION_SPEC section 8)."""
-    return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+    def unit(self, name: str) -> rules.Unit:
+        if name not in self.units:
+            s = self.plan.src
+            n = {"hidden": s.hidden_size, "heads": s.num_heads, "kv_heads": s.num_kv_heads, "ffn": s.ffn_size}
+            self.units[name] = rules.Unit.of(self.arrays[name], n[name.rsplit(".", 1)[-1]])
+        return self.units[name]
+
+    def maps(self, op: TensorOp) -> rules.Maps:
+        units = op.units
+        block = self.plan.src.head_dim if units and units.endswith("heads") else 1
+        rows = op.shape[0] if op.rule in ("embedding", "position_embedding", "head") else None
+        return rules.Maps(self.unit("hidden"), self.alpha, units and self.unit(units), block, rows)
 
 
 def _embed(reader: CheckpointReader) -> torch.Tensor:
@@ -148,8 +159,7 @@ def run_plan(plan: ExpansionPlan, reader: CheckpointReader, out: str | Path, *, 
     """
     from tqdm import tqdm
 
-    dst, opt = plan.dst, plan.options
-    dtype = getattr(torch, plan.dtype)
+    dst = plan.dst
     bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="expand", disable=quiet, file=sys.stderr)
     with bar, CheckpointWriter(out, dst, force=force, configs=configs) as w, ThreadPoolExecutor(1) as pool:
         save = _Saver(pool)  # the next part is computed while the previous one is saved
@@ -158,28 +168,35 @@ def run_plan(plan: ExpansionPlan, reader: CheckpointReader, out: str | Path, *, 
             write(tensor)
             bar.update(plan.file_bytes[index])
 
-        def write_targets(layer: int, wide: dict[str, torch.Tensor]) -> None:
-            for t in plan.targets_of(layer):
-                zero = plan.added[t] and opt.new_layer_init == "zero_out"
-                w.write_layer(t, ops.zero_out(wide) if zero else wide)
+        def write_targets(layers: list[tuple[int, dict[str, torch.Tensor]]]) -> None:
+            for t, layer in layers:
+                w.write_layer(t, layer)
                 bar.update(plan.file_bytes[arch.layer_index(t)])
 
-        u0 = _units(plan, 0)
-        save(write_part, w.write_embed, ops.widen_rows_out_h(_embed(reader), u0.hidden, u0.alpha, dst.padded_vocab_size,
-                                                              dtype), arch.embed_index())
-        cur = reader.layer(0)
+        apply = _Apply(plan, reader)
+        model = plan.model_ops()
+
+        def write_model_part(part: str) -> None:
+            tensors = {key: apply(model[key]) for key in arch.logical_part_keys(part, dst)}
+            save(write_part, lambda ts: w.write_part(part, ts), tensors, arch.part_index(part, dst))
+
+        write_model_part("embed")
         for layer in range(plan.src.num_layers):
-            upper = reader.layer(layer + 1) if layer + 1 < plan.src.num_layers else None
-            wide = ops.widen_layer(cur, upper if opt.method == "aki" else None, _units(plan, layer),
-                                   aki_second=opt.aki_second, aki_hidden=opt.aki_hidden, out_dtype=dtype)
-            save(write_targets, layer, wide)
-            del wide
-            cur = upper
-        norm = ops.norm_h(_work(reader.final_norm()), u0.hidden, u0.alpha).to(dtype)
-        save(write_part, w.write_final_norm, norm, arch.final_norm_index(dst.num_layers))
-        head = ops.widen_rows_in_h(reader.head(), u0.hidden, dst.padded_vocab_size, dtype)
-        save(write_part, w.write_head, head, arch.head_index(dst.num_layers))
-        del head
+            apply.need_layers(layer)
+            _release_free_memory()
+            memo: dict[tuple, torch.Tensor] = {}
+            targets = []
+            for t in plan.targets_of(layer):
+                ops = plan.layer_ops(t)
+                for op in ops:
+                    if op.compute not in memo:
+                        memo[op.compute] = apply(op)
+                targets.append((t, {op.key.split(".", 2)[2]: memo[op.compute] for op in ops}))
+            save(write_targets, targets)
+            del memo, targets
+        apply.need_layers(None)
+        write_model_part("final_norm")
+        write_model_part("head")
         save.wait()
         if w.root is not None:
             (w.root / MAPS_FILE).write_bytes(_maps_npz(plan))
@@ -187,6 +204,66 @@ def run_plan(plan: ExpansionPlan, reader: CheckpointReader, out: str | Path, *, 
             record.update({key: fut.result() for key, fut in (pending or {}).items()})
             w.extra_files[MANIFEST] = json.dumps(record, indent=1, default=str) + "\n"
     return Path(out)
+
+
+class _Apply:
+    """Computes a TensorOp: reads its source tensors (source layers held only while the plan needs them)."""
+
+    def __init__(self, plan: ExpansionPlan, reader: CheckpointReader):
+        self.reader = reader
+        self.maps = _MapCache(plan)
+        self.opt = rules.RuleOptions(plan.options.aki_second, plan.options.aki_hidden, getattr(torch, plan.dtype))
+        self.layers: dict[int, dict[str, torch.Tensor]] = {}
+        self.plan = plan
+
+    def need_layers(self, first: int | None) -> None:
+        """Drop the source layers below `first` (None: all of them)."""
+        for i in [i for i in self.layers if first is None or i < first]:
+            del self.layers[i]
+
+    def source(self, key: str) -> torch.Tensor:
+        if key.startswith("layers."):
+            _, i, rest = key.split(".", 2)
+            if int(i) not in self.layers:
+                self.layers[int(i)] = self.reader.layer(int(i))
+            return self.layers[int(i)][rest]
+        return _model_tensor(self.reader, key)
+
+    def __call__(self, op: TensorOp) -> torch.Tensor:
+        src = rules.Sources(*(self.source(k) for k in op.sources))
+        return rules.RULES[op.rule](src, self.maps.maps(op), self.opt)
+
+
+def _release_free_memory() -> None:
+    """Hand the allocator's free pages back to the OS (glibc `malloc_trim`; elsewhere nothing).
+
+    glibc raises its mmap threshold after large frees, so later medium-size tensors come from its
+    heaps, which fragment over a long run: peak RSS crept up by ~6 MB per layer in the 1B -> 2B
+    benchmark (0.1 GiB over 18 layers; bench/expand_speed.md). Trimming once per source layer keeps
+    the peak at the working set (two source layers, two widened layers).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _model_tensor(reader: CheckpointReader, key: str) -> torch.Tensor:
+    """A model-level source tensor; the embedding memory-mapped where it can be (TP 1)."""
+    if key == "embed.weight":
+        return _embed(reader)
+    part = "embed" if key == "pos_embed.weight" else key.split(".")[0]  # final_norm, head
+    return reader.part(part)[key]
 
 
 def load_maps(out: str | Path) -> dict[str, np.ndarray]:
