@@ -10,7 +10,7 @@ bert2BERT where the sources leave a choice open (EXPANSION_SPEC section 5):
 - rms_comp: None picks the method's default, `none` for aki (as bert2BERT/AquilaMoE), `exact`
   for fpi (residual rescaling that makes RMSNorm exact at any width ratio, EXPANSION_SPEC sec. 4).
 - map_sampling `uniform` (bert2BERT: i.i.d. with replacement); `balanced` permutations.
-- gqa_layout `auto` (mha, g_fixed or kv_fixed, whichever the head counts allow).
+- gqa_layout `auto` (mha, g_fixed, kv_fixed or general, the first the head counts allow).
 - aki_second `current` (Wo / W_down columns from layer l, the LEMON AKI baseline's literal
   per-matrix reading); `upper` takes the new units' columns from layer l+1 (zxhcelestes).
 - aki_hidden `copy` (rows of new hidden indices are copies, the residual stream stays a
@@ -32,7 +32,7 @@ CHOICES: dict[str, tuple] = {
     "new_layer_init": ("copy", "zero_out"),
     "rms_comp": (None, "none", "exact"),
     "map_sampling": ("uniform", "balanced"),
-    "gqa_layout": ("auto", "mha", "g_fixed", "kv_fixed"),
+    "gqa_layout": ("auto", "mha", "g_fixed", "kv_fixed", "general"),
     "aki_second": ("current", "upper"),
     "aki_hidden": ("copy", "upper"),
 }
