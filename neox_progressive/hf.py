@@ -195,7 +195,7 @@ def _check_transformers(shape: ModelShape) -> None:
 
 def export_hf(reader: CheckpointReader, out: str | Path, *, dtype: str = "auto", force: bool = False,
               max_shard_bytes: int = 5 * 2**30, bos: int | None = None, eos: int | None = None,
-              progress=None) -> Path:
+              progress=None, tokenizer=None) -> Path:
     """Write `out` as a transformers directory (safetensors shards + config.json), layer by layer."""
     from safetensors.torch import save_file
 
@@ -248,4 +248,6 @@ def export_hf(reader: CheckpointReader, out: str | Path, *, dtype: str = "auto",
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(
             json.dumps({"bos_token_id": bos, "eos_token_id": eos, "do_sample": False}, indent=2) + "\n")
+        if tokenizer is not None:  # an hf_tokenizer.ExportTokenizer: its files and special ids
+            tokenizer.write(tmp)
     return Path(out)

@@ -98,7 +98,7 @@ BAD = {
     "bias": (lambda s: wider(s, 5, attn_bias=True), {}, "use_bias_in_attn_linear: source False, target True"),
     "rotary": (lambda s: wider(s, 5, rotary_pct=0.5), {}, "rotary_pct: source 1.0, target 0.5"),
     "norm": (lambda s: wider(s, 5), {"norm": "layernorm"}, "norm: source 'rmsnorm', target 'layernorm'; expansion keeps"),
-    "gqa": (lambda s: wider(s.replace(num_kv_heads=2), 6, 6), {}, "use num_kv_heads in [2, 3]"),
+    "gqa": (lambda s: wider(s.replace(num_kv_heads=2), 6, 1), {}, "use num_kv_heads in [2, 3, 6] with 6 heads"),
     "tp_heads": (lambda s: wider(s, 5), {"model_parallel_size": 2}, "model_parallel_size 2 must divide num_attention_heads 5"),
 }
 

@@ -63,7 +63,8 @@ def add_arguments(p) -> None:
     p.add_argument("--map-sampling", choices=CHOICES["map_sampling"], default="uniform",
                    help="new units: uniform with replacement (default, the paper's) or balanced permutations")
     p.add_argument("--gqa-layout", choices=CHOICES["gqa_layout"], default="auto",
-                   help="auto (default): mha, g_fixed (same group size) or kv_fixed (same KV heads), as the head counts allow")
+                   help="auto (default): the first of mha, g_fixed (same group size), kv_fixed (same KV heads) and "
+                        "general (each target group copies one source group) that the head counts allow")
     p.add_argument("--aki-second", choices=CHOICES["aki_second"], default="current",
                    help="AKI Wo/W_down columns of new units: current layer (default) or upper layer l+1")
     p.add_argument("--aki-hidden", choices=CHOICES["aki_hidden"], default="copy",

@@ -9,13 +9,20 @@ becomes GPTNeoXForCausalLM with `use_parallel_residual` (gpt_j_residual), `rotar
 `layer_norm_eps` and `hidden_act` gelu_pytorch_tanh when NeoX computed the tanh GeLU
 (`bias_gelu_fusion: true`), gelu otherwise. Models with no HF equivalent (a partial-rotary Llama
 shape, learned positions, GQA in the classic transformer) are refused before anything is written.
+
+The member's tokenizer goes into the export too (`tokenizer_type` / `vocab_file` of --config: an
+HF tokenizer.json as it is, a SentencePiece model converted to a tokenizer.json that gives
+SentencePiece's ids, GPT-2 vocab.json + merges.txt), with bos/eos/pad ids in config.json and
+generation_config.json, so `AutoTokenizer.from_pretrained(OUT)` and lm-eval's `hf` model
+work on the export as written.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from neox_progressive.config import ModelShape
+from neox_progressive.config import ModelShape, merge_neox_configs
 from neox_progressive.hf import export_hf
 from neox_progressive.io.reader import CheckpointReader
 
@@ -34,8 +41,12 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --force)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="tensor dtype of the export (auto: as stored in the checkpoint)")
-    p.add_argument("--bos-id", type=int, default=None, help="bos_token_id for config.json")
-    p.add_argument("--eos-id", type=int, default=None, help="eos_token_id for config.json")
+    p.add_argument("--bos-id", type=int, default=None,
+                   help="bos_token_id (default: the tokenizer's end-of-text token, which NeoX puts between documents)")
+    p.add_argument("--eos-id", type=int, default=None,
+                   help="eos_token_id (default: the tokenizer's end-of-text token, <|endoftext|> or </s>)")
+    p.add_argument("--no-tokenizer", action="store_true",
+                   help="write the weights only, without the config's tokenizer (AutoTokenizer will not load the export)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -46,12 +57,20 @@ def run(args) -> int:
     from neox_progressive.hf import hf_arch
     from neox_progressive.io.writer import check_destination
 
-    shape = ModelShape.from_yamls(args.config)
+    cfg, base_dir = merge_neox_configs(args.config), Path(args.config[0]).parent
+    shape = ModelShape.from_neox(cfg, base_dir)
     hf = hf_arch(shape)
     check_destination(args.out, args.force)
     reader = CheckpointReader(args.ckpt, shape)
+    tokenizer = None
+    if not args.no_tokenizer:
+        from neox_progressive.hf_tokenizer import export_tokenizer
+
+        tokenizer = export_tokenizer(cfg, base_dir, reader.shape.padded_vocab_size, seq_length=reader.shape.seq_length,
+                                     bos=args.bos_id, eos=args.eos_id)
     with tqdm(total=reader.shape.num_layers, desc="export-hf", unit="layer", disable=args.quiet, file=sys.stderr) as bar:
         out = export_hf(reader, args.out, dtype=args.dtype, force=args.force, bos=args.bos_id, eos=args.eos_id,
-                        progress=lambda i: bar.update(1))
-    print(f"wrote {out} ({hf.name}, {reader.shape.num_layers} layers, vocab {reader.shape.padded_vocab_size})")
+                        progress=lambda i: bar.update(1), tokenizer=tokenizer)
+    tok = f", {tokenizer.kind} tokenizer, eos {tokenizer.specials['eos'][0]}" if tokenizer else ", no tokenizer"
+    print(f"wrote {out} ({hf.name}, {reader.shape.num_layers} layers, vocab {reader.shape.padded_vocab_size}{tok})")
     return 0

@@ -12,9 +12,12 @@ Every draw is a hash, not a stateful RNG (EXPANSION_SPEC section 8):
 so the maps do not depend on the device, dtype, TP degree, call order or library versions.
 
 Head maps (EXPANSION_SPEC section 2): query head j uses KV head j // G (NeoX repeat_interleave).
-Supported GQA layouts: `mha` (g_KV = g_H), `g_fixed` (same group size: new KV groups copy whole
-source groups), `kv_fixed` (same KV heads, bigger groups: AquilaMoE's AKI-Pro rule). Anything
-else is refused with the head counts that would work.
+GQA layouts: `mha` (g_KV = g_H), `g_fixed` (same group size: new KV groups copy whole source
+groups), `kv_fixed` (same KV heads, bigger groups: AquilaMoE's AKI-Pro rule) and `general` (each
+target group copies one source group; feasible iff every source group r, copied into c_r target
+groups of G' heads, has c_r G' >= G, i.e. num_kv_heads' >= num_kv_heads x ceil(G / G')). `auto`
+takes the first of these that fits, so the first three keep their maps. Anything else is refused
+with the KV head counts that would work.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import numpy as np
 from neox_progressive.errors import UserError
 
 SAMPLINGS = ("uniform", "balanced")
-GQA_LAYOUTS = ("auto", "mha", "g_fixed", "kv_fixed")
+GQA_LAYOUTS = ("auto", "mha", "g_fixed", "kv_fixed", "general")
 
 
 def draw(seed: int, stage: str, kind: str, layer: int | str, i: int, n: int) -> int:
@@ -77,45 +80,76 @@ def new_units(g: np.ndarray) -> np.ndarray:
 
 
 # ---- heads / GQA ------------------------------------------------------------------------------
-def gqa_layout(nh: int, nkv: int, nh2: int, nkv2: int, want: str = "auto") -> str:
-    """The layout that maps (nh, nkv) -> (nh2, nkv2), or a UserError naming what would work."""
+def _need(g: int, g2: int) -> int:
+    """Target groups a source group of g query heads needs at least, with g2 query heads per target group."""
+    return -(-g // g2)
+
+
+def _fits(nh: int, nkv: int, nh2: int, nkv2: int) -> dict[str, bool]:
     g, g2 = nh // nkv, nh2 // nkv2
-    fits = {
+    return {
         "mha": nkv == nh and nkv2 == nh2,
         "g_fixed": g2 == g and nkv2 >= nkv,
         "kv_fixed": nkv2 == nkv and g2 >= g,
+        "general": nh2 % nkv2 == 0 and nkv2 >= nkv * _need(g, g2),
     }
+
+
+def _rule(layout: str, nh: int, nkv: int, nh2: int, nkv2: int) -> str:
+    g, g2 = nh // nkv, nh2 // nkv2
+    need = _need(g, g2)
+    return {
+        "mha": "mha needs num_kv_heads = num_attention_heads in both members",
+        "g_fixed": f"g_fixed keeps the group size {g}, with at least the source's {nkv} KV heads",
+        "kv_fixed": f"kv_fixed keeps the {nkv} KV heads, with at least {g} query heads per group",
+        "general": (f"each target group copies one source group and every source head must be kept, so each of the "
+                    f"{nkv} source groups of {g} query heads needs {need} target group(s) of {g2}: at least "
+                    f"{need * nkv} KV heads, not {nkv2}"),
+    }[layout]
+
+
+def gqa_layout(nh: int, nkv: int, nh2: int, nkv2: int, want: str = "auto") -> str:
+    """The layout that maps (nh, nkv) -> (nh2, nkv2), or a UserError naming the KV head counts that would work.
+
+    auto takes the first that fits of mha, g_fixed, kv_fixed (their maps are unchanged by the general case)
+    and general (EXPANSION_SPEC section 2 case 4).
+    """
+    if want not in GQA_LAYOUTS:
+        raise UserError(f"gqa layout {want!r} is unknown; use one of {', '.join(GQA_LAYOUTS)}")
+    pair = f"heads {nh}/kv {nkv} -> {nh2}/kv {nkv2}"
+    if nh2 < nh:
+        raise UserError(f"{pair}: the target has fewer query heads than the source; expansion only adds heads: use "
+                        f"num_attention_heads >= {nh} in the target")
+    fits = _fits(nh, nkv, nh2, nkv2)
     if want == "auto":
-        for name in ("mha", "g_fixed", "kv_fixed"):
+        for name in ("mha", "g_fixed", "kv_fixed", "general"):
             if fits[name]:
                 return name
-    elif want not in fits:
-        raise UserError(f"gqa layout {want!r} is unknown; use one of {', '.join(GQA_LAYOUTS)}")
     elif fits[want]:
         return want
-    good = feasible_kv_heads(nh, nkv, nh2)
-    what = f"--gqa-layout {want}" if want != "auto" else "no supported GQA layout (mha, g_fixed, kv_fixed)"
-    if good:
-        fix = f"with {nh2} heads use num_kv_heads in {good} (keep the group size {g} or the {nkv} KV heads)"
+    layout = "general" if want == "auto" else want
+    good = feasible_kv_heads(nh, nkv, nh2, layout)
+    if want == "auto":
+        works = f"use num_kv_heads in {good} with {nh2} heads"
     else:
-        near = -(-nh2 // nkv) * nkv
-        fix = (f"no num_kv_heads works with {nh2} heads: use a head count divisible by {nkv} (e.g. {near}, "
-               f"num_kv_heads {nkv} or {near // g}), or MHA in both members")
-    raise UserError(
-        f"heads {nh}/kv {nkv} -> {nh2}/kv {nkv2}: {what} maps these (a target group must copy one whole source "
-        f"group); {fix}"
-    )
+        works = (f"with {nh2} heads {layout} works for num_kv_heads in {good}" if good
+                 else f"with {nh2} heads {layout} works for no num_kv_heads")
+    if want != "auto" and fits["general"]:
+        works += f"; --gqa-layout auto maps {nkv2} KV heads ({gqa_layout(nh, nkv, nh2, nkv2)})"
+    elif want != "auto":
+        works += f"; any layout works for num_kv_heads in {feasible_kv_heads(nh, nkv, nh2)}"
+    what = "no GQA layout can map these" if want == "auto" else f"--gqa-layout {want} cannot map these"
+    raise UserError(f"{pair}: {what} ({_rule(layout, nh, nkv, nh2, nkv2)}); {works}")
 
 
-def feasible_kv_heads(nh: int, nkv: int, nh2: int) -> list[int]:
-    g = nh // nkv
+def feasible_kv_heads(nh: int, nkv: int, nh2: int, layout: str = "auto") -> list[int]:
+    """Every num_kv_heads a target with nh2 query heads can have for the layout (auto: any layout)."""
     out = []
     for kv2 in range(1, nh2 + 1):
-        if nh2 % kv2:
-            continue
-        g2 = nh2 // kv2
-        if (g2 == g and kv2 >= nkv) or (kv2 == nkv and g2 >= g):
-            out.append(kv2)
+        if nh2 % kv2 == 0 and nh2 >= nh:
+            fits = _fits(nh, nkv, nh2, kv2)
+            if fits["general"] if layout == "auto" else fits[layout]:
+                out.append(kv2)
     return out
 
 
@@ -134,7 +168,32 @@ def head_maps(nh: int, nkv: int, nh2: int, nkv2: int, layout: str, *, sampling: 
     if layout == "kv_fixed":
         g_h = np.concatenate([r * group + unit_map(group, group2, kind=f"heads/group{r}", **kw) for r in range(nkv)])
         return g_h, np.arange(nkv, dtype=np.int64)
+    if layout == "general":
+        return _general_maps(nkv, group, nkv2, group2, kw)
     raise ValueError(layout)
+
+
+def _general_maps(nkv: int, group: int, nkv2: int, group2: int, kw: dict) -> tuple[np.ndarray, np.ndarray]:
+    """EXPANSION_SPEC section 2 case 4: each target group copies one source group, every source head is kept.
+
+    Our reading of how the groups and slots are drawn: g_KV = the source groups `need` times (need =
+    ceil(G / G'), the least that holds a group's G heads), then the identity-prefixed unit map's draws
+    for the remaining target groups. The c_r G' query slots of the target groups copying source group r
+    (in target order) are r G + a unit map [c_r G'] -> [G] (identity prefix: all G heads kept, the rest
+    drawn as for any unit map). With nkv2 = nkv this is exactly kv_fixed's map.
+    """
+    need = _need(group, group2)
+    if nkv2 < need * nkv:
+        raise ValueError(f"general GQA layout infeasible: {nkv2} < {need} x {nkv}")
+    g_kv = np.concatenate([np.tile(np.arange(nkv, dtype=np.int64), need - 1),
+                           unit_map(nkv, nkv2 - (need - 1) * nkv, kind="kv_heads", **kw)])
+    g_h = np.empty(nkv2 * group2, dtype=np.int64)
+    for r in range(nkv):
+        targets = np.flatnonzero(g_kv == r)
+        slots = r * group + unit_map(group, len(targets) * group2, kind=f"heads/group{r}", **kw)
+        for k, t in enumerate(targets):
+            g_h[t * group2:(t + 1) * group2] = slots[k * group2:(k + 1) * group2]
+    return g_h, g_kv
 
 
 # ---- depth ------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ bert2BERT where the sources leave a choice open (EXPANSION_SPEC section 5):
   LayerNorm models (NeoX's classic transformer): always `none`; `exact` cannot make LayerNorm
   exact and is refused (`plan.resolve_rms_comp`; the derivation is in expand/rules.py).
 - map_sampling `uniform` (bert2BERT: i.i.d. with replacement); `balanced` permutations.
-- gqa_layout `auto` (mha, g_fixed or kv_fixed, whichever the head counts allow).
+- gqa_layout `auto` (mha, g_fixed, kv_fixed or general, the first the head counts allow).
 - aki_second `current` (Wo / W_down columns from layer l, the LEMON AKI baseline's literal
   per-matrix reading); `upper` takes the new units' columns from layer l+1 (zxhcelestes).
 - aki_hidden `copy` (rows of new hidden indices are copies, the residual stream stays a
@@ -34,7 +34,7 @@ CHOICES: dict[str, tuple] = {
     "new_layer_init": ("copy", "zero_out"),
     "rms_comp": (None, "none", "exact"),
     "map_sampling": ("uniform", "balanced"),
-    "gqa_layout": ("auto", "mha", "g_fixed", "kv_fixed"),
+    "gqa_layout": ("auto", "mha", "g_fixed", "kv_fixed", "general"),
     "aki_second": ("current", "upper"),
     "aki_hidden": ("copy", "upper"),
 }
