@@ -28,8 +28,16 @@ NeoX view (NEOX_FACTS.md sections 1-4 and 11, megatron/model/{gpt2_model,transfo
     L + 3       layer_{L+3}   norm.{scale | weight, bias}
     L + 4       layer_{L+4}   final_linear.weight [V/TP, h]
 
-RMSNorm's parameter is `scale`, LayerNorm's `weight` and `bias` (norms.py). Row-parallel biases
-(dense, linear2) are full size on every rank; column-parallel biases are split like their weights.
+RMSNorm's parameter is `scale`, LayerNorm's `weight` and `bias` (norms.py). Column-parallel biases
+are split like their weights. Row-parallel biases (dense, linear2) are full size on every rank; with
+the sequential residual NeoX adds them once after the all-reduce, so every rank holds the logical bias.
+With `gpt_j_residual` the sublayers skip their all-reduce (`parallel_output`) and each rank adds its
+bias *before* the single all-reduce of attn + mlp (transformer.py), so the bias the model computes
+is the sum over ranks: each rank holds logical / TP (NeoX's tools/ckpts/convert_hf_to_sequential.py
+divides, convert_neox_to_hf.py sums; layout `row_bias`).
+
+Older NeoX checkpoints (and convert_hf_to_sequential.py) name the plain MLP `mlp.dense_h_to_4h` /
+`mlp.dense_4h_to_h`; `LEGACY_KEYS` maps them to today's names when reading.
 `attention.rotary_emb.inv_freq` exists only when `rotary_save_freqs_buffer` is set (loading is
 strict, so it must match the config).
 
@@ -123,7 +131,7 @@ NEOX_PARTS = {
         (QKV_BIAS, ("attn.q.bias", "attn.k.bias", "attn.v.bias"), "qkv", "attn_bias"),
         (INV_FREQ, (), "inv_freq", "freqs_buffer"),
         (DENSE_WEIGHT, ("attn.o.weight",), "cols", "always"),
-        (DENSE_BIAS, ("attn.o.bias",), "replicated", "attn_bias"),
+        (DENSE_BIAS, ("attn.o.bias",), "row_bias", "attn_bias"),
         ("post_attention_layernorm.{norm}", ("mlp_norm.weight",), "replicated", "always"),
         ("post_attention_layernorm.bias", ("mlp_norm.bias",), "replicated", "norm_bias"),
         (LINEAR1_WEIGHT, ("mlp.up.weight", "mlp.gate.weight"), "gated_rows", "gated"),
@@ -131,7 +139,7 @@ NEOX_PARTS = {
         (LINEAR1_BIAS, ("mlp.up.bias", "mlp.gate.bias"), "gated_rows", "gated_bias"),
         (LINEAR1_BIAS, ("mlp.up.bias",), "rows", "plain_bias"),
         (LINEAR2_WEIGHT, ("mlp.down.weight",), "cols", "always"),
-        (LINEAR2_BIAS, ("mlp.down.bias",), "replicated", "mlp_bias"),
+        (LINEAR2_BIAS, ("mlp.down.bias",), "row_bias", "mlp_bias"),
     ),
     "final_norm": (
         ("norm.{norm}", ("final_norm.weight",), "replicated", "always"),
@@ -142,6 +150,11 @@ NEOX_PARTS = {
     ),
 }
 GLOBAL_PARTS = ("embed", "final_norm", "head")
+# Key names of older NeoX checkpoints (before the MLP was renamed linear1/linear2) -> today's names.
+LEGACY_KEYS = {
+    "mlp.dense_h_to_4h.weight": LINEAR1_WEIGHT, "mlp.dense_h_to_4h.bias": LINEAR1_BIAS,
+    "mlp.dense_4h_to_h.weight": LINEAR2_WEIGHT, "mlp.dense_4h_to_h.bias": LINEAR2_BIAS,
+}
 
 
 @dataclass(frozen=True)
@@ -161,6 +174,13 @@ def neox_tensors(part: str, shape: ModelShape) -> list[NeoxTensor]:
     norm = NORM_PARAM[shape.norm]
     return [NeoxTensor(key.format(norm=norm), logical, layout)
             for key, logical, layout, when in NEOX_PARTS[part] if WHEN[when](shape)]
+
+
+def modern_keys(sd: dict[str, torch.Tensor], shape: ModelShape) -> dict[str, torch.Tensor]:
+    """A layer state dict with `LEGACY_KEYS` renamed (plain GeLU MLPs only; others are returned as they are)."""
+    if shape.gated or not any(k in LEGACY_KEYS for k in sd):
+        return sd
+    return {LEGACY_KEYS.get(k, k): v for k, v in sd.items()}
 
 
 # ---- indices and file names --------------------------------------------------------------------
@@ -328,6 +348,8 @@ LAYOUTS = {
                   lambda ss, s: (sum(x[0] for x in ss) // s.tp, *ss[0][1:])),
     "gated_rows": Layout(lambda ts, s, r, dt: fuse_linear1(*ts, s, r), unfuse_linear1,
                          lambda ss, s: (sum(x[0] for x in ss) // s.tp, *ss[0][1:])),
+    "row_bias": Layout(lambda ts, s, r, dt: ts[0] / s.tp if s.parallel_residual else ts[0],
+                       lambda rs, s: (sum(rs[1:], rs[0]) if s.parallel_residual else rs[0],), lambda ss, s: ss[0]),
     "inv_freq": Layout(lambda ts, s, r, dt: rotary_inv_freq(s).to(dt), lambda rs, s: (),
                        lambda ss, s: (s.rotary_dims // 2,)),
 }

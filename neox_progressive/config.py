@@ -38,80 +38,18 @@ from typing import Any
 import yaml
 
 from neox_progressive.errors import UserError
-
-# NeoX defaults (megatron/neox_arguments/neox_args.py) for the keys that decide a shape.
-NEOX_DEFAULTS: dict[str, Any] = {
-    "pipe_parallel_size": 0,
-    "model_parallel_size": 1,
-    "intermediate_size": None,
-    "expansion_factor": None,
-    "mlp_multiple_of": 1,
-    "num_kv_heads": None,
-    "norm": "layernorm",
-    "rms_norm_epsilon": 1.0e-8,
-    "layernorm_epsilon": 1.0e-5,
-    "pos_emb": "learned",
-    "no_weight_tying": False,
-    "make_vocab_size_divisible_by": 128,
-    "activation": "gelu",
-    "bias_gelu_fusion": False,
-    "onnx_safe": False,
-    "rotary_pct": 1.0,
-    "rotary_emb_base": 10000,
-    "rotary_save_freqs_buffer": False,
-    "gpt_j_residual": False,
-    "gpt_j_tied": False,
-    "use_bias_in_attn_linear": True,
-    "use_bias_in_mlp": True,
-    "use_qk_layernorm": False,
-    "use_mup": False,
-    "soft_prompt_tuning": None,
-    "output_layer_parallelism": "column",
-    "moe_num_experts": 1,
-    "opt_pos_emb_offset": 0,
-    "mup_rp_embedding_mult": 1.0,
-    "sliding_window_width": None,
-    "attention_config": None,
-    "te_mha": False,
-    "te_fp8_mha": False,
-    "te_layernorm_mlp": False,
-    "te_columnparallel": False,
-    "te_rowparallel": False,
-    "tokenizer_type": "GPT2BPETokenizer",
-    "vocab_file": None,
-    "precision": None,
-}
-
-# Architecture keys with the values this plugin represents (see `ModelShape`).
-SUPPORTED_CHOICES = {
-    "norm": ("rmsnorm", "layernorm"),
-    "activation": ("swiglu", "gelu"),
-    "pos_emb": ("rotary", "learned"),
-}
-# Keys that select a model NeoX can build but this plugin cannot represent, with the value
-# this plugin needs (NEOX_FACTS.md sections 2 and 11).
-REQUIRED_VALUES = {
-    "no_weight_tying": True,
-    "gpt_j_tied": False,
-    "use_qk_layernorm": False,
-    "use_mup": False,
-    "soft_prompt_tuning": None,
-    "moe_num_experts": 1,
-    "opt_pos_emb_offset": 0,
-    "mup_rp_embedding_mult": 1.0,
-    "sliding_window_width": None,
-    "te_mha": False,
-    "te_fp8_mha": False,
-    "te_layernorm_mlp": False,
-    "te_columnparallel": False,
-    "te_rowparallel": False,
-}
-# attention_config layer types that are plain causal self-attention (flash is the same math).
-ATTENTION_TYPES = ("global", "flash")
-NORMS = ("rmsnorm", "layernorm")
-ACTIVATIONS = ("swiglu", "gelu")
-GELU_APPROX = ("erf", "tanh")
-POS_EMBS = ("rotary", "learned")
+from neox_progressive.neox_keys import (  # noqa: F401 (re-exported: the tables belong with the shape)
+    ACTIVATIONS,
+    ATTENTION_TYPES,
+    GELU_APPROX,
+    NEOX_DEFAULTS,
+    NORMS,
+    POS_EMBS,
+    REFUSAL_REASONS,
+    REQUIRED_VALUES,
+    SUPPORTED_CHOICES,
+    architecture_fields,
+)
 
 
 def _yaml_loader():
@@ -468,7 +406,7 @@ class ModelShape:
     def from_neox(cls, cfg: dict[str, Any], base_dir: Path | None = None) -> ModelShape:
         """Build from a merged NeoX config dict (see `merge_neox_configs`)."""
         get = lambda key: cfg.get(key, NEOX_DEFAULTS.get(key))  # noqa: E731
-        arch = _architecture(get)
+        arch = architecture_fields(get)
         for key in ("num_layers", "hidden_size", "num_attention_heads"):
             if cfg.get(key) is None:
                 raise UserError(f"config key {key} is missing; NeoX needs it to build the model")
@@ -536,36 +474,3 @@ class ModelShape:
         paths = list(paths)
         cfg = merge_neox_configs(paths)
         return cls.from_neox(cfg, base_dir=Path(paths[0]).parent)
-
-
-def _architecture(get) -> dict[str, Any]:
-    """The architecture fields of `ModelShape` from NeoX keys; one-line refusal of anything else."""
-    for key, allowed in SUPPORTED_CHOICES.items():
-        have = get(key)
-        if not isinstance(have, str) or have.lower() not in allowed:
-            raise UserError(f"config key {key}: {have!r} is not supported; neox-progressive handles {key}: "
-                            f"{' or '.join(allowed)} (the Llama shape and NeoX's classic transformer)")
-    for key, want in REQUIRED_VALUES.items():
-        have = get(key)
-        if have != want and not (isinstance(want, float) and isinstance(have, (int, float)) and float(have) == want):
-            raise UserError(f"config key {key}: {have!r} is not supported; neox-progressive needs {key}: {want!r} "
-                            "(it represents the Llama shape and NeoX's classic transformer only)")
-    for entry in get("attention_config") or []:
-        types = entry[0] if isinstance(entry, (list, tuple)) and entry else entry
-        for kind in types if isinstance(types, (list, tuple)) else [types]:
-            if str(kind).lower() not in ATTENTION_TYPES:
-                raise UserError(f"config key attention_config: layer type {kind!r} is not supported; neox-progressive "
-                                f"handles {' or '.join(ATTENTION_TYPES)} attention, e.g. attention_config: [[[\"global\"], L]]")
-    norm, activation = get("norm").lower(), get("activation").lower()
-    if activation == "gelu" and get("onnx_safe") and get("bias_gelu_fusion"):
-        raise UserError("config keys onnx_safe: true and bias_gelu_fusion: true: NeoX refuses the pair "
-                        "(activations.py); set one of them to false")
-    return {
-        "norm": norm,
-        "layernorm_eps": float(get("layernorm_epsilon")) if norm == "layernorm" else NEOX_DEFAULTS["layernorm_epsilon"],
-        "rms_norm_eps": float(get("rms_norm_epsilon")) if norm == "rmsnorm" else NEOX_DEFAULTS["rms_norm_epsilon"],
-        "activation": activation,
-        "gelu_approx": "tanh" if activation == "gelu" and get("bias_gelu_fusion") else "erf",
-        "parallel_residual": bool(get("gpt_j_residual")),
-        "pos_emb": get("pos_emb").lower(),
-    }

@@ -194,7 +194,8 @@ class Transformer(nn.Module):
     def new_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
 
-    def forward(self, tokens: torch.Tensor, cache: list[KVCache] | None = None) -> torch.Tensor:
+    def hidden(self, tokens: torch.Tensor, cache: list[KVCache] | None = None) -> torch.Tensor:
+        """Hidden states after the final norm (B, T, h): the forward pass without the head."""
         # tokens: (B, T); with a cache, positions continue after what it holds
         start = len(cache[0]) if cache else 0
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
@@ -206,7 +207,10 @@ class Transformer(nn.Module):
             x = x + self.pos_embed(positions)                            # (B, T, h)
         for i, block in enumerate(self.layers):
             x = block(x, positions, cache[i] if cache else None)
-        return self.head(self.final_norm(x))                             # (B, T, V)
+        return self.final_norm(x)                                        # (B, T, h)
+
+    def forward(self, tokens: torch.Tensor, cache: list[KVCache] | None = None) -> torch.Tensor:
+        return self.head(self.hidden(tokens, cache))                     # (B, T, V)
 
     @classmethod
     def from_state_dict(cls, shape: ModelShape, sd: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> Transformer:

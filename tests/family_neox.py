@@ -25,7 +25,11 @@ for paths in json.loads(sys.argv[1]):
                     "train_iters": a.train_iters, "lr_decay_iters": a.lr_decay_iters, "lr": a.lr, "min_lr": a.min_lr,
                     "precision": a.precision, "finetune": a.finetune, "load": a.load, "save": a.save,
                     "intermediate_size": a.intermediate_size, "num_kv_heads": a.num_kv_heads, "use_wandb": a.use_wandb,
-                    "train_data_paths": a.train_data_paths, "warmup": a.warmup, "dp": a.global_num_gpus})
+                    "train_data_paths": a.train_data_paths, "warmup": a.warmup, "dp": a.global_num_gpus,
+                    "norm": a.norm, "activation": a.activation, "gpt_j_residual": a.gpt_j_residual,
+                    "bias_gelu_fusion": a.bias_gelu_fusion, "rotary_pct": a.rotary_pct, "pos_emb": a.pos_emb,
+                    "layernorm_epsilon": a.layernorm_epsilon, "rms_norm_epsilon": a.rms_norm_epsilon,
+                    "use_bias_in_mlp": a.use_bias_in_mlp, "use_bias_in_attn_linear": a.use_bias_in_attn_linear})
     except BaseException as exc:  # NeoX raises ValueError/TypeError/AssertionError, or exits
         out.append({"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500], "log": buf.getvalue()[-1500:]})
 open(sys.argv[2], "w").write(json.dumps(out))

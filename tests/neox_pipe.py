@@ -1,10 +1,12 @@
-"""A DeepSpeed PipelineModule shaped like GPT-NeoX's Llama model, for checkpoint tests on CPU.
+"""A DeepSpeed PipelineModule shaped like GPT-NeoX's models (Llama shape and classic), for checkpoint tests on CPU.
 
 Written from NEOX_FACTS.md (not from our `arch.py`), so it is an independent reading of the
 layout: layer specs at NeoX's indices (0 embedding, 1 a function, 2..L+1 transformer layers,
 L+2 a function, L+3 final norm, L+4 head), NeoX's parameter names, fused QKV rows per head
 interleaved (MHA) or blocked [Q|K|V] (GQA), `mlp.linear1` = [up; gate], RMSNorm `scale` with eps
-inside the rsqrt, rotate-half RoPE. TP = PP = DP = 1 with `PipeModelDataParallelTopology`, so
+inside the rsqrt, rotate-half RoPE. Classic transformer (NEOX_FACTS section 11): torch LayerNorm
+(`weight`, `bias`), plain `mlp.linear1` with GeLU, x + attn(ln1(x)) + mlp(ln2(x)) for gpt_j_residual,
+learned `position_embeddings` beside the word embeddings. TP = PP = DP = 1 with `PipeModelDataParallelTopology`, so
 DeepSpeed names the files `layer_XX-model_00-model_states.pt` like NeoX does.
 
     pipe = build_pipe(shape); engine = ds_engine(pipe)
@@ -49,13 +51,22 @@ class Norm(nn.Module):
         return self.scale * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
 
+def make_norm(s: ModelShape) -> nn.Module:
+    return nn.LayerNorm(s.hidden_size, eps=s.layernorm_eps) if s.norm == "layernorm" else Norm(s.hidden_size, s.rms_norm_eps)
+
+
 class Embedding(nn.Module):
     def __init__(self, s: ModelShape):
         super().__init__()
         self.word_embeddings = nn.Embedding(s.padded_vocab_size, s.hidden_size)
+        if s.pos_emb == "learned":
+            self.position_embeddings = nn.Embedding(s.max_position_embeddings, s.hidden_size)
 
     def forward(self, tokens):
-        return self.word_embeddings(tokens)
+        x = self.word_embeddings(tokens)
+        if hasattr(self, "position_embeddings"):
+            x = x + self.position_embeddings(torch.arange(tokens.shape[1]))
+        return x
 
 
 class Attention(nn.Module):
@@ -85,7 +96,8 @@ class Attention(nn.Module):
             rot = torch.cat([-r[..., rd // 2:], r[..., :rd // 2]], -1)
             return torch.cat([r * cos + rot * sin, rest], -1)
 
-        q, k = rope(q), rope(k)
+        if s.pos_emb == "rotary":
+            q, k = rope(q), rope(k)
         k = k.repeat_interleave(n // kv, dim=2)
         v = v.repeat_interleave(n // kv, dim=2)
         att = torch.einsum("bind,bjnd->bnij", q, k) / d**0.5
@@ -97,10 +109,17 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, s: ModelShape):
         super().__init__()
-        self.linear1 = nn.Linear(s.hidden_size, 2 * s.ffn_size, bias=s.mlp_bias)
+        self.gated = s.activation == "swiglu"
+        self.tanh = s.gelu_approx == "tanh"
+        self.linear1 = nn.Linear(s.hidden_size, (2 if self.gated else 1) * s.ffn_size, bias=s.mlp_bias)
         self.linear2 = nn.Linear(s.ffn_size, s.hidden_size, bias=s.mlp_bias)
 
     def forward(self, x):
+        if not self.gated:
+            y = self.linear1(x)
+            if self.tanh:  # NeoX's bias_gelu (activations.py constants)
+                return self.linear2(y * 0.5 * (1.0 + torch.tanh(0.79788456 * y * (1 + 0.044715 * y * y))))
+            return self.linear2(y * 0.5 * (1.0 + torch.erf(y * 0.70710678)))
         up, gate = self.linear1(x).chunk(2, dim=-1)
         return self.linear2(F.silu(gate) * up)
 
@@ -108,12 +127,15 @@ class MLP(nn.Module):
 class Layer(nn.Module):
     def __init__(self, s: ModelShape):
         super().__init__()
-        self.input_layernorm = Norm(s.hidden_size, s.rms_norm_eps)
+        self.parallel = s.parallel_residual
+        self.input_layernorm = make_norm(s)
         self.attention = Attention(s)
-        self.post_attention_layernorm = Norm(s.hidden_size, s.rms_norm_eps)
+        self.post_attention_layernorm = make_norm(s)
         self.mlp = MLP(s)
 
     def forward(self, x):
+        if self.parallel:
+            return x + self.attention(self.input_layernorm(x)) + self.mlp(self.post_attention_layernorm(x))
         x = x + self.attention(self.input_layernorm(x))
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -121,7 +143,7 @@ class Layer(nn.Module):
 class FinalNorm(nn.Module):
     def __init__(self, s: ModelShape):
         super().__init__()
-        self.norm = Norm(s.hidden_size, s.rms_norm_eps)
+        self.norm = make_norm(s)
 
     def forward(self, x):
         return self.norm(x)

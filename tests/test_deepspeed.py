@@ -31,6 +31,35 @@ def test_deepspeed_pipeline_module_loads_our_checkpoint(tmp_path, kv, bias):
     torch.testing.assert_close(pipe_logits(pipe, x), want, rtol=1e-5, atol=1e-5)
 
 
+CLASSIC = dict(norm="layernorm", activation="gelu", attn_bias=True, mlp_bias=True, layernorm_eps=1e-6,
+               max_position_embeddings=16)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(parallel_residual=True, rotary_pct=0.25, gelu_approx="tanh"),
+    dict(parallel_residual=False, pos_emb="learned", gelu_approx="erf"),
+    dict(parallel_residual=False, rotary_pct=1.0, gelu_approx="erf", attn_bias=False, mlp_bias=False),
+], ids=["pythia", "learned-positions", "no-biases"])
+def test_deepspeed_loads_our_classic_checkpoint_and_we_read_what_it_saves(tmp_path, kw):
+    shape = tiny_shape(**{**CLASSIC, **kw})
+    sd = random_sd(shape)
+    write_checkpoint(tmp_path / "ck", shape, sd)
+    pipe = build_pipe(shape, seed=1)
+    engine = ds_engine(pipe)
+    x = torch.randint(0, shape.padded_vocab_size, (2, 9))
+    want = Transformer.from_state_dict(shape, sd)(x).detach()
+    assert (pipe_logits(pipe, x) - want).abs().max() > 0.1
+    ds_load(engine, tmp_path / "ck")
+    torch.testing.assert_close(pipe_logits(pipe, x), want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # new weights in DeepSpeed, saved by DeepSpeed, read by us
+        for p in pipe.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    ds_save(engine, tmp_path / "ds", "global_step5", {"iteration": 5})
+    reader = CheckpointReader(tmp_path / "ds", shape)
+    got = Transformer.from_state_dict(reader.shape, reader.state_dict())(x)
+    torch.testing.assert_close(got, pipe_logits(pipe, x), rtol=1e-5, atol=1e-5)
+
+
 def test_deepspeed_refuses_an_extra_key(tmp_path):
     """Strict loading is the validation NeoX relies on; make sure our harness really is strict."""
     shape = tiny_shape(num_layers=1)

@@ -9,13 +9,14 @@ from family_neox import mock_config, neox_load
 from family_util import CONFIGS
 from neox_run import neox_dir
 
+from neox_progressive.config import ModelShape
 from neox_progressive.family import generate_configs, load_family, plan_family
 from neox_progressive.neox_args import validate_files
 
 pytestmark = pytest.mark.neox
 
 FAMILIES = ["paper_2x_chinchilla", "paper_chinchilla", "paper_2x_chinchilla_lr_scaled", "paper_2x_chinchilla_fixed_data",
-            "tiny_family"]
+            "tiny_family", "pythia_family"]
 
 
 def test_every_generated_stage_loads_in_neox(tmp_path):
@@ -44,6 +45,14 @@ def test_every_generated_stage_loads_in_neox(tmp_path):
         assert res["use_wandb"] is False and res["intermediate_size"] == cfg["intermediate_size"]
         assert res["train_data_paths"] == [row.train_data_path]
         assert bool(res["finetune"]) == (mode == "progressive" and row.name != fam.members[0].name)
+        # NeoX builds the architecture our reader reads from the same file (Llama shape or classic transformer)
+        shape = ModelShape.from_yamls([stage])
+        assert (res["norm"], res["activation"], res["pos_emb"]) == (shape.norm, shape.activation, shape.pos_emb)
+        assert res["gpt_j_residual"] == shape.parallel_residual and res["rotary_pct"] == shape.rotary_pct
+        assert (res["use_bias_in_attn_linear"], res["use_bias_in_mlp"]) == (shape.attn_bias, shape.mlp_bias)
+        assert res[f"{'layernorm' if shape.norm == 'layernorm' else 'rms_norm'}_epsilon"] == shape.norm_eps
+        assert bool(res["bias_gelu_fusion"]) == (shape.activation == "gelu" and shape.gelu_approx == "tanh")
+        assert (shape.architecture == "neox") == (fam.name == "pythia_family")
     assert not results[-1]["ok"]
     assert "batch" in (results[-1]["error"] + results[-1]["log"]).lower()
 

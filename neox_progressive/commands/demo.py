@@ -12,6 +12,10 @@ On CPU in a few minutes, with no download:
      cumulative FLOPs (the paper's Fig. 2).
 
 Everything is written under --out. Running it again resumes (finished steps are skipped).
+
+--family FILE runs the same steps on another tiny family file (its output_dir, data, tokenizer and
+vocab_size are replaced by the demo's), e.g. the shipped Pythia-style one: NeoX's classic transformer
+with LayerNorm, GeLU, parallel residual and partial rotary (examples/tiny_pythia_family.yml).
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ EXAMPLES = """
   neox-progressive demo --out demo_out
   neox-progressive demo --out demo_out --force          # start over
   neox-progressive demo --out demo_out --device cuda    # on a GPU
+  neox-progressive demo --out demo_pythia --family neox_progressive/examples/tiny_pythia_family.yml
 """
 
 FAMILY_FILE = Path(__file__).resolve().parent.parent / "examples" / "tiny_family.yml"
+PYTHIA_FAMILY_FILE = FAMILY_FILE.with_name("tiny_pythia_family.yml")
 DEMO_CHARS = 1_500_000  # all of the stdlib docstrings (about 1.5M characters)
 DEMO_VOCAB = 512
 
@@ -36,6 +42,10 @@ def add_arguments(p) -> None:
     p.add_argument("--force", action="store_true", help="delete an existing --out first and start over")
     p.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")
     p.add_argument("--quiet", action="store_true", help="only the final tables")
+    p.add_argument("--family", default=str(FAMILY_FILE), metavar="FILE",
+                   help="a tiny family file to run instead of the built-in Llama-shape one, e.g. "
+                        f"{PYTHIA_FAMILY_FILE.relative_to(FAMILY_FILE.parents[2])} (NeoX's classic transformer); its "
+                        "output_dir, data, tokenizer and vocab_size are the demo's")
 
 
 def _say(msg: str) -> None:
@@ -73,8 +83,8 @@ def run(args) -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     data = prepare(out, args.quiet)
-    family = load_family(FAMILY_FILE, {
-        "output_dir": str(out / "family"),
+    family = load_family(args.family, {
+        "output_dir": str(out / "family"), "model": {"vocab_size": DEMO_VOCAB},
         "data": {"train": data["train"], "valid": data["valid"]},
         "shared": {"tokenizer_type": "SPMTokenizer", "vocab_file": data["tokenizer"]},
     })

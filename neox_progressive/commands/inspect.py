@@ -1,8 +1,11 @@
 """Describe a GPT-NeoX checkpoint, and with --config check it against the member's NeoX YAML(s).
 
 Prints the format (pipeline: layer_XX-model_TT files; sequential: mp_rank_TT files holding
-`sequential.N.` keys), the tag, the TP degree, the number of layers, dtypes, the parameter count
-and every tensor's shape per NeoX layer index (identical transformer layers are grouped).
+`sequential.N.` keys), the tag, the TP degree, the number of layers, the architecture as far as
+the tensors show it (RMSNorm `scale` or LayerNorm `weight`/`bias`; SwiGLU linear1 = 2 x linear2's
+width or GeLU; learned position embeddings; the residual form and the GeLU flavour are config keys),
+dtypes, the parameter count and every tensor's shape per NeoX layer index (identical transformer
+layers are grouped).
 
 With --config the checkpoint is checked against the config the way NeoX's strict loading would:
 missing or unexpected keys, shapes, the mp_rank count, and non-finite values (every tensor is
@@ -28,7 +31,8 @@ EXAMPLES = """
   neox-progressive inspect ckpts --config arch.yml --config data.yml --format json
 """
 
-REPLICATED = ("scale", "attention.dense.bias", "mlp.linear2.bias", "inv_freq")
+REPLICATED = ("scale", "norm.weight", "norm.bias", "attention.dense.bias", "mlp.linear2.bias", "mlp.dense_4h_to_h.bias",
+              "inv_freq", "position_embeddings.weight")
 
 
 def add_arguments(p) -> None:
@@ -58,8 +62,20 @@ def _describe(reader: CheckpointReader) -> dict:
     return {
         "path": str(reader.dir), "tag": reader.tag, "format": reader.format, "tp": reader.tp,
         "mp_rank_files": len(reader.mp_files), "iteration": reader.iteration, "layers": n_layers,
-        "dtypes": sorted(dtypes), "parameters": params, "files": groups,
+        "architecture": _architecture(groups), "dtypes": sorted(dtypes), "parameters": params, "files": groups,
     }
+
+
+def _architecture(groups: list[dict]) -> dict:
+    """What the tensors of the first transformer layer (index 2) and the embedding file show."""
+    keys = {k: s[0] for g in groups if g["first"] <= arch.layer_index(0) <= g["last"] for k, s in g["shapes"].items()}
+    embed = next((g["shapes"] for g in groups if g["first"] == arch.embed_index()), {})
+    l1, l2 = keys.get(arch.LINEAR1_WEIGHT) or keys.get("mlp.dense_h_to_4h.weight"), \
+        keys.get(arch.LINEAR2_WEIGHT) or keys.get("mlp.dense_4h_to_h.weight")
+    mlp = None if not (l1 and l2) else "swiglu" if l1[0] == 2 * l2[1] else "gelu" if l1[0] == l2[1] else "unknown"
+    return {"norm": "rmsnorm" if "input_layernorm.scale" in keys else "layernorm" if "input_layernorm.bias" in keys else None,
+            "mlp": mlp, "positions": "learned" if arch.POS_EMBED_KEY in embed else "none stored (rotary)",
+            "attn_bias": arch.QKV_BIAS in keys, "mlp_bias": arch.LINEAR1_BIAS in keys or "mlp.dense_h_to_4h.bias" in keys}
 
 
 def _check(reader: CheckpointReader, shape: ModelShape, quiet: bool) -> list[str]:
@@ -100,6 +116,9 @@ def _print_text(info: dict, problems: list[str] | None) -> None:
     print(f"checkpoint  {info['path']}  (tag {info['tag']}, iteration {info['iteration']})")
     print(f"format      {info['format']}, TP={info['tp']}, {info['mp_rank_files']} mp_rank file(s)")
     print(f"layers      {info['layers']}   dtype {', '.join(info['dtypes'])}   parameters {info['parameters']:,}")
+    a = info["architecture"]
+    print(f"architecture  norm {a['norm']}, mlp {a['mlp']}, positions {a['positions']}, biases: attention "
+          f"{'yes' if a['attn_bias'] else 'no'}, mlp {'yes' if a['mlp_bias'] else 'no'}")
     for g in info["files"]:
         span = f"{g['first']}" if g["first"] == g["last"] else f"{g['first']}..{g['last']}"
         print(f"  layer {span}")

@@ -25,11 +25,7 @@ def chunk_rows(vocab: int, chunk: int | None = None, device: torch.device | str 
 
 def trunk(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
     """Hidden states after the final norm, [B, T, h]: the model's forward pass without the head."""
-    positions = torch.arange(tokens.shape[1], device=tokens.device)
-    x = model.embed(tokens)                                          # (B, T, h)
-    for block in model.layers:
-        x = block(x, positions)
-    return model.final_norm(x)
+    return model.hidden(tokens)
 
 
 def head_logits(model: Transformer, hidden: torch.Tensor, lo: int = 0, hi: int | None = None) -> torch.Tensor:

@@ -10,7 +10,7 @@ import copy
 from collections.abc import Mapping
 from pathlib import Path
 
-from neox_progressive.config import neox_intermediate_size, read_yaml
+from neox_progressive.config import ACTIVATIONS, GELU_APPROX, NORMS, POS_EMBS, read_yaml
 from neox_progressive.errors import UserError
 from neox_progressive.family.fields import Section
 from neox_progressive.family.spec import (
@@ -55,8 +55,18 @@ def _model(s: Section) -> ModelDefaults:
         rms_norm_eps=s.get("rms_norm_eps", float, 1.0e-5, positive=True), attn_bias=s.get("attn_bias", bool, False),
         mlp_bias=s.get("mlp_bias", bool, False), model_parallel_size=s.get("model_parallel_size", int, 1, positive=True),
         pipe_parallel_size=s.get("pipe_parallel_size", int, 1),
+        norm=s.get("norm", str, "rmsnorm", choices=NORMS), layernorm_eps=s.get("layernorm_eps", float, 1.0e-5, positive=True),
+        activation=s.get("activation", str, "swiglu", choices=ACTIVATIONS),
+        gelu_approx=s.get("gelu_approx", str, "erf", choices=GELU_APPROX),
+        parallel_residual=s.get("parallel_residual", bool, False), pos_emb=s.get("pos_emb", str, "rotary", choices=POS_EMBS),
     )
     s.done()
+    for key, needs, value in (("gelu_approx", "activation: gelu", m.activation == "gelu"),
+                              ("layernorm_eps", "norm: layernorm", m.norm == "layernorm"),
+                              ("rms_norm_eps", "norm: rmsnorm", m.norm == "rmsnorm")):
+        if s.has(key) and not value:
+            raise s.fail(key, f"is only used with {needs}; remove it (this family has norm: {m.norm}, "
+                              f"activation: {m.activation})")
     if m.max_position_embeddings is not None and m.max_position_embeddings < m.seq_length:
         raise s.fail("max_position_embeddings", f"{m.max_position_embeddings} < seq_length {m.seq_length}; NeoX refuses that")
     return m
@@ -88,7 +98,7 @@ def _member(s: Section, model: ModelDefaults) -> Member:
     except UserError as exc:
         raise UserError(f"{s.file}: {s.where} ({kw['name']}): {exc}") from None
     try:
-        neox_intermediate_size(member.ffn_size, model.mlp_multiple_of)
+        member.shape().intermediate_size  # noqa: B018 (NeoX must be able to build this FFN width)
     except UserError as exc:
         raise UserError(f"{s.file}: {s.key('ffn_size')}: {exc} (model.mlp_multiple_of)") from None
     return member

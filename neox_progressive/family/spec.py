@@ -17,13 +17,15 @@ Format (every block is documented in configs/neox/README.md; unknown keys are er
     shared: {tokenizer_type: ..., ...}   # NeoX keys merged into every stage YAML
 
 Relative paths (output_dir, data prefixes, path-valued NeoX keys of `shared`) resolve against the
-family file's directory. `ffn_size` is the real SwiGLU width F (HF `intermediate_size`); the NeoX
-`intermediate_size` (3F) is derived by `ModelShape.to_neox()`.
+family file's directory. `ffn_size` is the real FFN width F (SwiGLU: HF Llama `intermediate_size`; GeLU:
+linear1's rows); the NeoX `intermediate_size` (3F for SwiGLU, F for GeLU) is derived by `ModelShape.to_neox()`.
+The architecture is shared by all members (`model:` norm, activation, gelu_approx, parallel_residual,
+pos_emb; default: the Llama shape); configs/neox/pythia_family.yml is NeoX's classic transformer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from neox_progressive.config import ModelShape, pad_vocab
@@ -56,6 +58,26 @@ class ModelDefaults:
     mlp_bias: bool = False
     model_parallel_size: int = 1
     pipe_parallel_size: int = 1
+    norm: str = "rmsnorm"
+    """rmsnorm (Llama shape) or layernorm (NeoX's classic transformer, weight and bias)."""
+    layernorm_eps: float = 1.0e-5
+    activation: str = "swiglu"
+    """swiglu or gelu (plain linear1 -> GeLU -> linear2)."""
+    gelu_approx: str = "erf"
+    """erf, or tanh (NeoX `bias_gelu_fusion: true`, as the Pythia configs)."""
+    parallel_residual: bool = False
+    """NeoX `gpt_j_residual`: x + attn(ln1(x)) + mlp(ln2(x))."""
+    pos_emb: str = "rotary"
+    """rotary or learned."""
+
+    def architecture(self) -> dict:
+        """The ModelShape architecture fields; the epsilon of the norm not in use stays at ModelShape's default."""
+        defaults = {f.name: f.default for f in fields(ModelShape)}
+        rms = self.norm == "rmsnorm"
+        return dict(norm=self.norm, activation=self.activation, parallel_residual=self.parallel_residual,
+                    pos_emb=self.pos_emb, gelu_approx=self.gelu_approx if self.activation == "gelu" else defaults["gelu_approx"],
+                    rms_norm_eps=self.rms_norm_eps if rms else defaults["rms_norm_eps"],
+                    layernorm_eps=defaults["layernorm_eps"] if rms else self.layernorm_eps)
 
 
 @dataclass(frozen=True)
@@ -89,8 +111,8 @@ class Member:
             padded_vocab_size=pad_vocab(m.vocab_size, m.make_vocab_size_divisible_by, tp), vocab_size=m.vocab_size,
             make_vocab_size_divisible_by=m.make_vocab_size_divisible_by, mlp_multiple_of=m.mlp_multiple_of,
             seq_length=m.seq_length, max_position_embeddings=m.max_position_embeddings or m.seq_length,
-            rotary_pct=m.rotary_pct, rotary_emb_base=m.rotary_emb_base, rms_norm_eps=m.rms_norm_eps,
-            attn_bias=m.attn_bias, mlp_bias=m.mlp_bias, tp=tp, pp=pp,
+            rotary_pct=m.rotary_pct, rotary_emb_base=m.rotary_emb_base,
+            attn_bias=m.attn_bias, mlp_bias=m.mlp_bias, tp=tp, pp=pp, **m.architecture(),
         )
 
 

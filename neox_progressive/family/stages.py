@@ -48,7 +48,8 @@ OWNED = {
 }
 SHAPE_KEYS = ("pipe_parallel_size", "model_parallel_size", "num_layers", "hidden_size", "num_attention_heads", "num_kv_heads",
               "intermediate_size", "mlp_multiple_of", "seq_length", "max_position_embeddings", "pos_emb", "rotary_pct",
-              "rotary_emb_base", "norm", "rms_norm_epsilon", "activation", "no_weight_tying", "gpt_j_residual",
+              "rotary_emb_base", "norm", "rms_norm_epsilon", "layernorm_epsilon", "activation", "bias_gelu_fusion",
+              "no_weight_tying", "gpt_j_residual",
               "use_bias_in_attn_linear", "use_bias_in_mlp", "make_vocab_size_divisible_by", "output_layer_parallelism")
 ZERO_DEFAULTS = {"allgather_partitions": True, "allgather_bucket_size": 500000000, "overlap_comm": True,
                  "reduce_scatter": True, "reduce_bucket_size": 500000000, "contiguous_gradients": True}

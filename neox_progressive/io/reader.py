@@ -212,7 +212,7 @@ class CheckpointReader:
     def _checked(self, index: int) -> list[dict[str, torch.Tensor]]:
         shape = self._need_shape()
         want = arch.neox_file_shapes(shape)[index]
-        ranks = self.file_state(index)
+        ranks = [arch.modern_keys(sd, shape) for sd in self.file_state(index)]
         for t, sd in enumerate(ranks):
             where = self.layer_files.get((index, t), self.mp_files.get(t))
             missing = sorted(set(want) - set(sd))
