@@ -215,3 +215,18 @@ def test_chained_family_reads_back(tmp_path):
     cshape, csd = read_checkpoint(tmp_path / "c", [tmp_path / "c.yml"])
     assert rec["depth_order"] == [0, 1, 2, 2] and cshape.hidden_size == 48
     assert torch.isfinite(logits(cshape, csd, tokens(cshape))).all()
+
+
+def test_plan_names_the_upper_layer_only_where_aki_reads_it():
+    """The tensor list is honest about its sources: kv-fixed GQA draws no new KV heads, so K/V read layer l only;
+    writers read l+1 only under a switch; the top layer and FPI read one layer."""
+    src = shape(num_layers=2, num_kv_heads=2, attn_bias=True, mlp_bias=True)
+    dst = wider(src, 6, 2, ffn=60).replace(padded_vocab_size=None)
+    ops = {op.key: op for op in plan_expansion(src, dst, ExpandOptions(method="aki")).tensors}
+    assert len(ops["layers.0.attn.q.weight"].sources) == 2 and len(ops["layers.0.attn.k.weight"].sources) == 1
+    assert len(ops["layers.0.mlp.up.bias"].sources) == 2 and len(ops["layers.1.mlp.up.weight"].sources) == 1
+    assert len(ops["layers.0.attn.o.weight"].sources) == 1 and len(ops["layers.0.mlp.down.bias"].sources) == 1
+    ops = {op.key: op for op in plan_expansion(src, dst, ExpandOptions(method="aki", aki_hidden="upper")).tensors}
+    assert len(ops["layers.0.attn.o.weight"].sources) == 2 and len(ops["layers.0.mlp.down.bias"].sources) == 2
+    fpi = plan_expansion(src, dst, ExpandOptions(method="fpi")).tensors
+    assert all(len(op.sources) == 1 for op in fpi)

@@ -40,6 +40,18 @@ def test_fpi_exact_at_integer_ratio_balanced_zero_out(tmp_path, parallel, rotary
     assert json.loads((out / "expansion.json").read_text())["exact"] is True
 
 
+@pytest.mark.parametrize("src_tp,dst_tp", [(2, 1), (2, 2)])
+def test_fpi_exact_from_tp2_parallel_residual(tmp_path, src_tp, dst_tp):
+    """gpt_j_residual at TP 2: every rank adds its share of the row-parallel biases (dense, linear2) before the one
+    all-reduce; the expansion works on the logical (summed) biases and re-splits them for the target TP."""
+    src = classic(tp=src_tp, pp=0)
+    dst = wider(src, 8, ffn=96, tp=dst_tp, pp=1)
+    _, rec, sd, dshape, dsd = run_expand(tmp_path, src, dst, **exact_fpi())
+    assert rec["exact"] is True and sd["layers.0.attn.o.bias"].abs().sum() > 0
+    x = tokens(src)
+    assert rel_err(logits(dshape, dsd, x), logits(src, sd, x)) <= TOL
+
+
 def test_fpi_exact_with_learned_positions_sequential_format(tmp_path):
     """Learned position embeddings widen by columns like the word embedding; pipeline -> sequential, x3 width."""
     src = classic(pos_emb="learned", max_position_embeddings=16, parallel_residual=False)

@@ -280,15 +280,15 @@ def plan_expansion(src: ModelShape, dst: ModelShape, options: ExpandOptions = DE
 
 
 # ---- the tensor list -------------------------------------------------------------------------
-UPPER_READERS = {"reads_hidden", "unit_bias"}
-"""Rules that read layer l+1 under AKI whatever the switches (the rows of new units)."""
-
-
-def _reads_upper(rule: str, options: ExpandOptions) -> bool:
+def _reads_upper(rule: str, options: ExpandOptions, new_units: bool, new_hidden: bool) -> bool:
+    """Whether a rule reads source layer l+1 (AKI): the rows of new units, and what the two switches take."""
     if options.method != "aki":
         return False
-    return (rule in UPPER_READERS or (rule == "writes_residual" and "upper" in (options.aki_second, options.aki_hidden))
-            or (rule == "residual_bias" and options.aki_hidden == "upper"))
+    if rule in ("reads_hidden", "unit_bias"):
+        return new_units
+    if rule == "writes_residual":
+        return (options.aki_second == "upper" and new_units) or (options.aki_hidden == "upper" and new_hidden)
+    return rule == "residual_bias" and options.aki_hidden == "upper" and new_hidden
 
 
 def tensor_ops(plan: ExpansionPlan) -> list[TensorOp]:
@@ -306,6 +306,8 @@ def tensor_ops(plan: ExpansionPlan) -> list[TensorOp]:
 
     out = part_ops("embed")
     shapes = arch.logical_layer_shapes(dst)
+    new_hidden = bool(maps.new_units(plan.hidden).any())
+    grows: dict[tuple[int, str], bool] = {}  # (source layer, units) -> the map has new units
     for t, s in enumerate(plan.order):
         zero = plan.added[t] and opt.new_layer_init == "zero_out"
         upper = s + 1 if s + 1 < plan.src.num_layers else None
@@ -313,7 +315,10 @@ def tensor_ops(plan: ExpansionPlan) -> list[TensorOp]:
             role = arch.LAYER_ROLES[key]
             rule = "zero_writer" if zero and key in arch.RESIDUAL_WRITERS else role.rule
             sources = [f"layers.{s}.{key}"]
-            if upper is not None and rule != "zero_writer" and _reads_upper(rule, opt):
+            if role.units and (s, role.units) not in grows:
+                grows[s, role.units] = bool(maps.new_units(getattr(plan.layers[s], role.units)).any())
+            new_units = grows.get((s, role.units), False)
+            if upper is not None and rule != "zero_writer" and _reads_upper(rule, opt, new_units, new_hidden):
                 sources.append(f"layers.{upper}.{key}")
             out.append(op(f"layers.{t}.{key}", rule, sources, role.units and f"layer{s}.{role.units}", shape))
     return out + part_ops("final_norm") + part_ops("head")
