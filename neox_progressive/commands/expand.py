@@ -60,6 +60,8 @@ def add_arguments(p) -> None:
     p.add_argument("--stage", default="", help="stage name mixed into the hashed draws (chained stages differ)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (shapes, maps, bytes); load no tensors")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="copy NaN/Inf weights of the source into the output (refused by default: a diverged checkpoint)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--format", choices=["text", "json"], default="text", help="output format")
 
@@ -91,7 +93,7 @@ def run(args) -> int:
               f"(default for {options.method})" if args.rms_comp is None else
               f"expand: method {options.method}, rms_comp {options.resolved_rms_comp}", file=sys.stderr)
     record = expand_checkpoint(args.src, args.src_config, args.dst_config, args.out, options, force=args.force,
-                               quiet=args.quiet, stage=args.stage)
+                               quiet=args.quiet, stage=args.stage, allow_nonfinite=args.allow_nonfinite)
     if args.format == "json":
         print(json.dumps(record, indent=1, default=str))
     else:

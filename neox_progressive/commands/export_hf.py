@@ -32,6 +32,8 @@ def add_arguments(p) -> None:
     p.add_argument("--bos-id", type=int, default=None, help="bos_token_id for config.json")
     p.add_argument("--eos-id", type=int, default=None, help="eos_token_id for config.json")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="export NaN/Inf weights as they are (refused by default: a diverged checkpoint)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -47,6 +49,6 @@ def run(args) -> int:
     reader = CheckpointReader(args.ckpt, shape)
     with tqdm(total=reader.shape.num_layers, desc="export-hf", unit="layer", disable=args.quiet, file=sys.stderr) as bar:
         out = export_hf(reader, args.out, dtype=args.dtype, force=args.force, bos=args.bos_id, eos=args.eos_id,
-                        progress=lambda i: bar.update(1))
+                        progress=lambda i: bar.update(1), allow_nonfinite=args.allow_nonfinite)
     print(f"wrote {out} (LlamaForCausalLM, {reader.shape.num_layers} layers, vocab {reader.shape.padded_vocab_size})")
     return 0
