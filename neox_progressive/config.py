@@ -112,24 +112,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-# Keys whose values decide a checkpoint's shape: their types are checked as NeoX checks them.
-SHAPE_KEYS = frozenset(NEOX_DEFAULTS) | {"num_layers", "hidden_size", "num_attention_heads", "seq_length",
-                                         "max_position_embeddings", "bf16", "fp16"}
-
-
 def _check_key(key: str, value: Any, path: Path) -> None:
-    """NeoX refuses unknown keys (with a "did you mean"), and values of the wrong type in shape keys."""
+    """NeoX refuses unknown keys (here with a "did you mean") and values of the wrong type (`hidden_size: 64.5`)."""
     from neox_progressive.neox_args.validator import arg_spec, type_problem
 
     if arg_spec(key) is None:
         raise UserError(f"{path}: {type_problem(key, value)}: correct the key or remove it")
-    if key in SHAPE_KEYS and value is not None and (problem := type_problem(key, value)):
+    if value is not None and (problem := type_problem(key, value)):  # NeoX's validate_types, every key
         raise UserError(f"{path}: {problem}; NeoX would refuse this config: correct the value")
 
 
 def merge_neox_configs(paths: Iterable[str | Path]) -> dict[str, Any]:
     """Merge NeoX YAML files the way NeoX does: dashes become underscores, no key twice, no unknown key,
-    shape keys of the types NeoX requires."""
+    every value of the type NeoX requires."""
     merged: dict[str, Any] = {}
     origin: dict[str, Path] = {}
     paths = list(paths)

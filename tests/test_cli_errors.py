@@ -82,6 +82,7 @@ def test_allow_nonfinite_copies_them(tmp_path, ck):
     ("hidden_size: sixty-four", "dst.yml: hidden_size: expected int, got str 'sixty-four'"),
     ("hidden_size: [40, 48]", "dst.yml: hidden_size: expected int, got list [40, 48]"),
     ("num_layers: two", "dst.yml: num_layers: expected int, got str 'two'"),
+    ("train_iters: ten", "dst.yml: train_iters: expected int, got str 'ten'"),  # not a shape key: NeoX refuses it too
 ])
 def test_config_typos_and_types_are_refused(tmp_path, ck, line, expected):
     d = work(tmp_path, ck)
@@ -191,6 +192,12 @@ def test_prepare_data_on_an_empty_or_one_line_corpus(tmp_path, text, valid, expe
     msg = refused(tmp_path, "prepare-data", "corpus.txt", "--out", "data/c", "--vocab-size", "100",
                   "--valid-fraction", str(valid), "--quiet")
     assert expected in msg and "trainer_interface" not in msg
+
+
+def test_prepare_data_on_a_binary_jsonl_input(tmp_path):
+    (tmp_path / "corpus.jsonl").write_bytes(b'{"text": "fine"}\n' + bytes(range(128, 256)) * 4)
+    msg = refused(tmp_path, "prepare-data", "corpus.jsonl", "--out", "data/c", "--vocab-size", "100", "--quiet")
+    assert "corpus.jsonl: not UTF-8 text" in msg
 
 
 def test_an_internal_error_asks_for_a_report_and_debug_shows_the_traceback(tmp_path, ck):

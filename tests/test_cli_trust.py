@@ -236,3 +236,29 @@ def test_lock_refuses_while_held_in_this_process(tmp_path):
         with pytest.raises(UserError, match=f"thing is in use by PID {os.getpid()}"):
             OutputLock(tmp_path / "x.lock", "thing").acquire()
     assert not (tmp_path / "x.lock").exists()
+
+
+def test_step_inputs_ignore_the_family_files_name_and_the_dry_run_judges_what_the_run_writes(tmp_path, fam):
+    """In-process and fast (the end-to-end run is in test_runner_family.py): the inputs of every step of a renamed
+    family file equal the original's; a value only the stage YAMLs carry changes them, even in a dry run whose
+    stage YAMLs on disk are still the old ones."""
+    from neox_progressive.family import generate_configs, load_family
+    from neox_progressive.runner.engines import BuiltinEngine
+    from neox_progressive.runner.family_run import FamilyRun
+
+    a = write_family(tmp_path / "a.yml", fam[1], tmp_path / "runs", **FAST)
+    b = tmp_path / "renamed.yml"
+    b.write_text("# another comment\n" + a.read_text())
+    c = write_family(tmp_path / "c.yml", fam[1], tmp_path / "runs", **{**FAST, "training": {**FAST["training"],
+                                                                                                "weight_decay": 0.02}})
+    run_a = FamilyRun(load_family(a), "progressive", BuiltinEngine(device="cpu"), quiet=True)
+    generate_configs(run_a.family, run_a.configs_dir, "progressive")  # what a run of a.yml leaves on disk
+    on_disk = {s.name: s.inputs() for s in run_a.steps()}
+
+    def planned(path):
+        r = FamilyRun(load_family(path), "progressive", BuiltinEngine(device="cpu"), quiet=True)
+        r.describe()
+        return {s.name: s.inputs() for s in r.steps()}
+
+    assert planned(b) == on_disk and None not in on_disk["s/train"].values()
+    assert planned(c)["s/train"] != on_disk["s/train"]
