@@ -8,7 +8,10 @@ Each verb lives in ``neox_progressive/commands/<verb>.py`` and provides:
 - ``add_arguments(parser)`` and ``run(args) -> int``.
 
 Errors meant for users are `UserError`s: printed as one line, exit status 2 (1 for a check that
-found problems); ``--debug`` prints the traceback instead.
+found problems). What the user's system raises (an `OSError` with an errno: a read-only or full
+disk, a file where a directory goes; a binary file where text goes) is printed the same way, naming
+the path and the fix. Anything else is a bug in the plugin: one line asking to report it, exit
+status 3. ``--debug`` prints the traceback instead, for all of them.
 """
 
 from __future__ import annotations
@@ -16,10 +19,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
+import shlex
 import sys
 
 from neox_progressive import __version__
-from neox_progressive.errors import UserError
+from neox_progressive.errors import UserError, system_error_line
+
+BUG_EXIT = 3
+"""Exit status of an internal error (a bug to report); 2 is the user's input, 1 a check that failed."""
 
 # verb -> module under neox_progressive.commands, in the order `--help` lists them.
 VERBS = {
@@ -85,9 +93,24 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # `... | head`: the reader left; nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except (OSError, UnicodeDecodeError) as exc:
+        if args.debug:
+            raise
+        print(f"error: {system_error_line(exc)}", file=sys.stderr)
+        return UserError.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug in the plugin, not the user's input
+        if args.debug:
+            raise
+        print(f"error: internal error in neox-progressive {__version__} ({type(exc).__name__}: "
+              f"{str(exc).splitlines()[0] if str(exc) else ''}); this is a bug: please report it with the output of "
+              f"`neox-progressive --debug {shlex.join(argv if argv is not None else sys.argv[1:])}`", file=sys.stderr)
+        return BUG_EXIT
 
 
 def run_tool(verb: str, argv: list[str] | None = None) -> int:

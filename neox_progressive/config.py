@@ -76,10 +76,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file {str(path)!r} does not exist")
     try:
-        with path.open() as f:
+        with path.open(encoding="utf-8") as f:
             data = yaml.load(f, Loader=_yaml_loader())
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # binary garbage; PyYAML's reader raises ValueError subclasses
+        raise UserError(f"{path}: not a text (UTF-8 YAML) file ({str(exc).splitlines()[0][:80]}); pass the YAML "
+                        "file itself") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -87,8 +90,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _check_key(key: str, value: Any, path: Path) -> None:
+    """NeoX refuses unknown keys (here with a "did you mean") and values of the wrong type (`hidden_size: 64.5`)."""
+    from neox_progressive.neox_args.validator import arg_spec, type_problem
+
+    if arg_spec(key) is None:
+        raise UserError(f"{path}: {type_problem(key, value)}: correct the key or remove it")
+    if value is not None and (problem := type_problem(key, value)):  # NeoX's validate_types, every key
+        raise UserError(f"{path}: {problem}; NeoX would refuse this config: correct the value")
+
+
 def merge_neox_configs(paths: Iterable[str | Path]) -> dict[str, Any]:
-    """Merge NeoX YAML files the way NeoX does: dashes become underscores, no key twice."""
+    """Merge NeoX YAML files the way NeoX does: dashes become underscores, no key twice, no unknown key,
+    every value of the type NeoX requires."""
     merged: dict[str, Any] = {}
     origin: dict[str, Path] = {}
     paths = list(paths)
@@ -102,6 +116,7 @@ def merge_neox_configs(paths: Iterable[str | Path]) -> dict[str, Any]:
                     f"key {norm_key!r} is set in both {origin[norm_key]} and {path}; NeoX refuses "
                     "a key repeated across config files: keep it in one file"
                 )
+            _check_key(norm_key, value, Path(path))
             merged[norm_key] = value
             origin[norm_key] = Path(path)
     return merged

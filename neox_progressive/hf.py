@@ -28,6 +28,7 @@ import torch
 from neox_progressive import __version__, arch
 from neox_progressive.config import ModelShape
 from neox_progressive.errors import UserError
+from neox_progressive.io import finite
 from neox_progressive.io.reader import CheckpointReader
 from neox_progressive.io.writer import AtomicDir
 
@@ -195,15 +196,21 @@ def _check_transformers(shape: ModelShape) -> None:
 
 def export_hf(reader: CheckpointReader, out: str | Path, *, dtype: str = "auto", force: bool = False,
               max_shard_bytes: int = 5 * 2**30, bos: int | None = None, eos: int | None = None,
-              progress=None, tokenizer=None) -> Path:
-    """Write `out` as a transformers directory (safetensors shards + config.json), layer by layer."""
+              progress=None, tokenizer=None, allow_nonfinite: bool = False) -> Path:
+    """Write `out` as a transformers directory (safetensors shards + config.json), layer by layer.
+
+    NaN/Inf weights are refused (one line naming the file and key) unless `allow_nonfinite`.
+    """
     from safetensors.torch import save_file
 
     shape = reader.shape
     hf = hf_arch(shape)
     _check_transformers(shape)
     target = DTYPES[dtype]
-    with AtomicDir(out, force) as tmp:
+    stored = reader.file_state(arch.embed_index())[0][arch.EMBED_KEY].dtype  # memory-mapped: no data read
+    reader = finite.guard(reader, allow_nonfinite, stored if target is None else None)
+    atomic = AtomicDir(out, force, need_bytes=shape.param_count() * (target or stored).itemsize)
+    with atomic as tmp:
         shards: list[dict[str, torch.Tensor]] = [{}]
         sizes = [0]
         index: dict[str, str] = {}
@@ -223,6 +230,7 @@ def export_hf(reader: CheckpointReader, out: str | Path, *, dtype: str = "auto",
 
         def flush():
             name = f"model-{len(files) + 1:05d}.safetensors"
+            atomic.current = tmp / name
             save_file(shards[-1], str(tmp / name), metadata={"format": "pt"})
             files.append(name)
             index.update({k: name for k in shards[-1]})

@@ -108,3 +108,21 @@ def test_neox_window_tokens_is_one_neox_epoch():
     assert proc.returncode == 0, proc.stderr[-2000:]
     epochs = json.loads(proc.stdout.split("JSON", 1)[1])
     assert epochs == [1] * len(cases) + [2] * len(cases)     # one token less and NeoX needs a second epoch
+
+
+def test_a_copied_data_dir_is_the_same_data(src, tmp_path):
+    """A family's data dir copied elsewhere (source and cut windows): the windows are recognized, not refused with
+    advice (`--force`) that `run` cannot take."""
+    import shutil
+
+    prefix, _ = src
+    cut_windows(prefix, [[3, 40]], tmp_path / "src.m")
+    shutil.copytree(tmp_path, tmp_path.parent / "copy")
+    copy = tmp_path.parent / "copy"
+    before = (copy / "src.m.bin").stat().st_mtime_ns
+    out = cut_windows(copy / "src", [[3, 40]], copy / "src.m")
+    assert (copy / "src.m.bin").stat().st_mtime_ns == before and len(out.tokens()) == 37
+    assert json.loads((copy / "src.m.window.json").read_text())["source"] == str((copy / "src").resolve())
+    with pytest.raises(UserError) as info:  # other windows: refused, with a command that exists
+        cut_windows(copy / "src", [[0, 20]], copy / "src.m")
+    assert "prepare-data --family FAMILY.yml --force" in str(info.value) and "force=True (--force)" not in str(info.value)

@@ -98,6 +98,27 @@ def test_rerun_skips_verified_steps_and_redoes_changed_ones(trained, capsys):
     assert "m/expand: expand s -> m\n" in out and "(done" not in out.split("m/expand")[1]
 
 
+def test_a_renamed_family_file_retrains_nothing_and_the_dry_run_agrees(trained, capsys):
+    # the file's name is in every stage YAML's header comment: a comment must not invalidate the checkpoints
+    fam, family = trained
+    before = final_checksums(family)
+    renamed = fam.with_name("renamed_family.yml")
+    renamed.write_text("# renamed, with a new comment\n" + fam.read_text())
+    assert main(["run", str(renamed), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("(done, will be skipped)") == 5, out
+    assert main(["run", str(renamed), "--engine", "builtin", "--device", "cpu", "--no-eval"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("done before, outputs verified; skipping") == 5, err
+    assert "generate-configs renamed_family.yml" in stage_yaml(family, "m").read_text()
+    assert final_checksums(family) == before
+    # a value only the stage YAMLs carry: the dry run judges the configs the run would write, not those on disk
+    data = {"train": str(family.data.train), "valid": str(family.data.valid), "tokenizer": family.shared["vocab_file"]}
+    other = write_family(fam.with_name("other_wd.yml"), data, family.output_dir,
+                         **{**FAST, "training": {**FAST["training"], "weight_decay": 0.02}})
+    assert main(["run", str(other), "--dry-run"]) == 0
+    assert "(done, will be skipped)" not in capsys.readouterr().out
+
 def test_dry_run_prints_steps_and_commands_and_writes_nothing(data, tmp_path, capsys):
     fam = write_family(tmp_path / "family.yml", data, tmp_path / "out", **FAST)
     assert main(["run", str(fam), "--dry-run", "--mode", "both"]) == 0

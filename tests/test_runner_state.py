@@ -1,6 +1,6 @@
 """The runner's state file: a step is done only while its outputs are unchanged."""
 
-from neox_progressive.runner.state import RunState, digest
+from neox_progressive.runner.state import RunState, config_digest, digest, inputs_match, raw_digest
 
 
 def test_digest_depends_on_names_and_contents_not_times(tmp_path):
@@ -57,3 +57,26 @@ def test_a_save_dir_is_digested_as_its_latest_checkpoint(tmp_path):
     assert digest(save) == first
     (save / "latest").write_text("global_step10")
     assert digest(save) != first
+
+
+def test_a_config_is_digested_by_its_values_not_its_comments(tmp_path):
+    text = "# generated from a.yml\nhidden_size: 64\nnum_layers: 2\n"
+    same = "# generated from b.yml (renamed)\nnum_layers: 2   # reordered\nhidden_size:   64\n"
+    assert config_digest(text) == config_digest(same) is not None
+    assert config_digest(text) != config_digest(text.replace("64", "65"))
+    assert config_digest(None) is None
+    f = tmp_path / "stage.yml"
+    f.write_text(text)
+    assert raw_digest(f.name, text) == digest(f)  # what earlier versions recorded
+
+
+def test_inputs_recorded_by_earlier_versions_still_match_while_the_file_is_unchanged():
+    text = "# header\nhidden_size: 64\n"
+    now = {"config": config_digest(text), "init": "scratch"}
+    old = {"config": raw_digest("stage_s.yml", text), "init": "scratch"}  # a record from before config_digest
+    assert inputs_match(old, now, {"config": raw_digest("stage_s.yml", text)})
+    changed = "# header\nhidden_size: 65\n"
+    assert not inputs_match(old, {"config": config_digest(changed), "init": "scratch"},
+                            {"config": raw_digest("stage_s.yml", changed)})
+    assert not inputs_match({**old, "init": "other"}, now, {"config": raw_digest("stage_s.yml", text)})
+    assert not inputs_match(None, now, {})

@@ -77,3 +77,52 @@ def test_parse_neox_losses():
         "2.000E-04 | lm_loss: 1.034000E+01 | number of skipped iterations:   0 |",
     ])
     assert parse_neox_losses(log) == [(1, 5.291257), (2, 10.34)]
+
+
+# ---- judged on the median, worded for the engine, threshold stated, a warning band (issue 14) ----------------------
+LN512 = math.log(512)  # a random init's loss for V = 512
+
+
+def test_one_spike_is_not_a_lost_expansion():
+    # a short budget's first losses as the builtin engine logged them: one spike at step 2
+    check = check_stage_start(4.9, [4.889, 6.835, 4.948], V, member="m", engine="builtin")
+    assert check.ok and check.verdict == "expanded" and not check.warning, check.message
+
+
+def test_the_threshold_is_stated_and_a_rise_below_it_warns():
+    # the demo's member m: first losses 3.98-4.08 against 3.43 expanded
+    check = check_stage_start(3.43, [3.98, 4.05, 4.08, 4.02, 4.01], V, member="m")
+    threshold, warn = (3.43 + LN512) / 2, 3.43 + (LN512 - 3.43) / 8  # 4.834, 3.781
+    assert check.ok and check.warning and check.verdict == "expanded"
+    assert check.threshold == pytest.approx(threshold) and check.warn_above == pytest.approx(warn)
+    assert check.message.startswith("member m: warning:")
+    assert f"warning above {warn:.3f}, failing above {threshold:.3f}" in check.message and f"{LN512:.3f}" in check.message
+    calm = check_stage_start(3.43, [3.45, 3.40, 3.52], V)
+    assert calm.ok and not calm.warning and f"threshold {threshold:.3f}" in calm.message
+
+
+def test_the_cause_is_worded_for_the_engine():
+    trap = [3.45] + [LN512 - 0.1] * 4
+    neox = check_stage_start(3.43, trap, V, engine="neox")
+    builtin = check_stage_start(3.43, trap, V, engine="builtin")
+    assert not neox.ok and not builtin.ok and neox.verdict == builtin.verdict == "master_weight_trap"
+    assert "DeeperSpeed" in neox.message and "builtin engine" in neox.message  # the advice: another engine
+    assert "DeepSpeed" not in builtin.message and "keeps no separate master weights" in builtin.message
+    assert "learning rate" in builtin.message
+    cold = check_stage_start(3.43, [LN512] * 5, V, engine="builtin")
+    assert cold.verdict == "not_loaded" and "The builtin engine did not start from the expanded checkpoint" in cold.message
+    assert f"threshold {(3.43 + LN512) / 2:.3f}" in cold.message
+
+
+def test_two_losses_judge_on_the_worse():
+    # an even count: the higher middle value, so [fine, random] fails rather than passes
+    assert not check_stage_start(3.43, [3.45, LN512], V).ok
+
+
+def test_the_live_check_words_for_its_engine():
+    from neox_progressive.runner.family_run import _LiveStartCheck
+
+    check = _LiveStartCheck("m", expanded=3.43, vocab=V, quiet=True, engine="builtin")
+    with pytest.raises(CheckFailed, match="keeps no separate master weights"):
+        for i, loss in enumerate([3.45] + [LN512] * 4, 1):
+            check.callback({"kind": "train", "iteration": i, "loss": loss})

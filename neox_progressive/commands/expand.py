@@ -75,6 +75,8 @@ def add_arguments(p) -> None:
                    help="print the plan (shapes, maps, exactness, every target tensor's rule, sources, shape and bytes; "
                         "--format json for the full list); load no tensors")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="copy NaN/Inf weights of the source into the output (refused by default: a diverged checkpoint)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--format", choices=["text", "json"], default="text", help="output format")
 
@@ -102,7 +104,7 @@ def run(args) -> int:
             print(f"dry run: nothing written (would write {args.out})")
         return 0
     record = expand_checkpoint(args.src, args.src_config, args.dst_config, args.out, options, force=args.force,
-                               quiet=args.quiet, stage=args.stage)
+                               quiet=args.quiet, stage=args.stage, allow_nonfinite=args.allow_nonfinite)
     if args.format == "json":
         print(json.dumps(record, indent=1, default=str))
     else:

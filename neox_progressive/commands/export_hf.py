@@ -48,6 +48,8 @@ def add_arguments(p) -> None:
     p.add_argument("--no-tokenizer", action="store_true",
                    help="write the weights only, without the config's tokenizer (AutoTokenizer will not load the export)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="export NaN/Inf weights as they are (refused by default: a diverged checkpoint)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -70,7 +72,8 @@ def run(args) -> int:
                                      bos=args.bos_id, eos=args.eos_id)
     with tqdm(total=reader.shape.num_layers, desc="export-hf", unit="layer", disable=args.quiet, file=sys.stderr) as bar:
         out = export_hf(reader, args.out, dtype=args.dtype, force=args.force, bos=args.bos_id, eos=args.eos_id,
-                        progress=lambda i: bar.update(1), tokenizer=tokenizer)
+                        progress=lambda i: bar.update(1), tokenizer=tokenizer,
+                        allow_nonfinite=args.allow_nonfinite)
     tok = f", {tokenizer.kind} tokenizer, eos {tokenizer.specials['eos'][0]}" if tokenizer else ", no tokenizer"
     print(f"wrote {out} ({hf.name}, {reader.shape.num_layers} layers, vocab {reader.shape.padded_vocab_size}{tok})")
     return 0

@@ -10,6 +10,9 @@ layers are grouped).
 With --config the checkpoint is checked against the config the way NeoX's strict loading would:
 missing or unexpected keys, shapes, the mp_rank count, and non-finite values (every tensor is
 read once, one layer file at a time). Any problem gives exit status 1.
+
+Temporary dirs that writers killed mid-write left beside the checkpoint (or in it) are listed with
+their size and the writer's PID; inspect itself writes nothing.
 """
 
 from __future__ import annotations
@@ -126,6 +129,8 @@ def _print_text(info: dict, problems: list[str] | None) -> None:
             same = all(s == shapes[0] for s in shapes)
             shown = f"{shapes[0]} x{len(shapes)} ranks" if same and len(shapes) > 1 else " ".join(map(str, shapes))
             print(f"    {k:40s} {shown}")
+    for note in info.get("temporary_dirs", []):
+        print(f"note: {note}")
     if problems is not None:
         if problems:
             print(f"\n{len(problems)} problem(s):")
@@ -136,8 +141,14 @@ def _print_text(info: dict, problems: list[str] | None) -> None:
 
 
 def run(args) -> int:
+    from pathlib import Path
+
+    from neox_progressive.io.atomic import temp_notes
+
     reader = CheckpointReader(args.ckpt)
     info = _describe(reader)
+    ckpt = Path(args.ckpt).absolute()
+    info["temporary_dirs"] = temp_notes([ckpt.parent, ckpt])  # debris of killed writers beside it, said not removed
     problems = None
     if args.config:
         problems = _check(reader, ModelShape.from_yamls(args.config), args.quiet)

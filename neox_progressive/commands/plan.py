@@ -5,7 +5,9 @@ training every member independently.
 Progressive mode uses the paper's Eq. 4 (Yano et al. 2025): member i gets the FLOPs of training it
 from scratch minus what the members before it cost, so the family costs what the largest member
 costs alone (App. B: 1/2/4/8B at 20 tokens/param -> 20/30/60/120B tokens, 24.7% saved).
-Independent mode trains every member on its scratch budget. Writes nothing.
+Independent mode trains every member on its scratch budget. Writes nothing. In progressive mode every
+expansion is planned from the shapes too, so a family that generate-configs and run refuse (a GQA
+pair that cannot be grown, a head_dim that changes) is refused here as well.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 from neox_progressive.family import load_family, plan_family
 from neox_progressive.family.report import plan_json, plan_summary, plan_table
 from neox_progressive.family.spec import MODES
+from neox_progressive.family.stages import check_expansions
 
 HELP = "print a family's token budgets, FLOPs, iterations and LRs (paper Eq. 4)"
 EXAMPLES = """
@@ -34,6 +37,8 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     family = load_family(args.family)
     plan = plan_family(family, args.mode)
+    if plan.mode == "progressive":  # what generate-configs and run refuse, plan refuses too
+        check_expansions(family)
     if args.format == "json":
         print(json.dumps(plan_json(family, plan), indent=1))
         return 0

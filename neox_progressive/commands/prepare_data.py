@@ -76,7 +76,11 @@ def _documents(args):
 
     def gen():
         for path in args.inputs:
-            yield from read_documents(path, args.jsonl_key)
+            try:
+                yield from read_documents(path, args.jsonl_key)
+            except UnicodeDecodeError as exc:
+                raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); pass text or .jsonl "
+                                "files, not binary ones") from None
     return gen, list(args.inputs)
 
 

@@ -15,7 +15,12 @@ Everything goes under the family's output_dir:
 
 Resumable: run the same command again after an interruption (Ctrl-C, a killed job, a node
 failure). Finished steps whose outputs are unchanged are skipped; an interrupted stage continues
-from its latest checkpoint; a changed family file redoes what it changes.
+from its latest checkpoint; a changed family file redoes what it changes (a comment or the family
+file's name is no change).
+
+One run per family at a time: `run` locks `<output_dir>/.neox-progressive-run.lock` and a second
+`run` on the same output_dir is refused, naming the first's PID and command (the lock of a killed run
+is taken over). Temporary dirs that killed writers left in the output dir are removed, and said so.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ import sys
 from pathlib import Path
 
 from neox_progressive.errors import UserError
+
+LOCK_FILE = ".neox-progressive-run.lock"
+"""In the family's output_dir while a `run` works on it: a second `run` there is refused, naming the first."""
 
 HELP = "train a family: expand -> train -> stage-start check per member, then evaluate (resumable)"
 EXAMPLES = """
@@ -75,19 +83,44 @@ def modes_of(args, family) -> list[str]:
 
 def run(args) -> int:
     from neox_progressive.family import load_family
-    from neox_progressive.runner import evaluate, summary
+    from neox_progressive.io.atomic import check_writable_dir, temp_notes
+    from neox_progressive.io.lock import OutputLock, describe_holder
+    from neox_progressive.runner import evaluate
     from neox_progressive.runner.family_run import FamilyRun
 
     overrides = {"output_dir": str(Path(args.output_dir).resolve())} if args.output_dir else None
     family = load_family(args.family, overrides)
     engine = make_engine(args)
     runs = [FamilyRun(family, mode, engine, quiet=args.quiet, device=args.device) for mode in modes_of(args, family)]
+    for r in runs:
+        r.check_data()  # before anything is written (a dry run refuses the same)
+    out = Path(family.output_dir)
     if args.dry_run:
         for r in runs:
             print("\n".join(r.describe()))
         if evaluate.enabled(family) and not args.no_eval:
-            print(f"evaluate the trained members into {Path(family.output_dir) / 'report'}")
+            print(f"evaluate the trained members into {out / 'report'}")
+        for note in temp_notes([out, *(r.root for r in runs)]):
+            print(f"note: {note}")
         return 0
+    check_writable_dir(out, "output_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    with OutputLock(out / LOCK_FILE, f"the family output dir {out}") as lock:
+        if lock.took_over:
+            _log(f"took over the lock of {describe_holder(lock.took_over)}, which is no longer running", args.quiet)
+        for note in temp_notes([out, *(r.root for r in runs)], remove=True):
+            _log(note, args.quiet)
+        return _run_locked(args, family, runs)
+
+
+def _log(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _run_locked(args, family, runs) -> int:
+    from neox_progressive.runner import evaluate, summary
+
     for r in runs:
         r.run()
     report = None

@@ -97,6 +97,7 @@ def prepare_data(documents: Callable[[], Iterable[str]], out: str | Path, *, tok
     if tokenizer is None:
         tok_path = Path(out + ".tokenizer.model")
         train_texts = (d for d in documents() if not is_valid_doc(d, valid_fraction))
+        _require_text(documents, valid_fraction, inputs)
         if not quiet:
             print(f"training a SentencePiece {spm_model_type} tokenizer ({vocab_size} pieces) on the data ...", file=sys.stderr)
         train_sentencepiece(train_texts, vocab_size, tok_path, model_type=spm_model_type)
@@ -106,6 +107,24 @@ def prepare_data(documents: Callable[[], Iterable[str]], out: str | Path, *, tok
             tok_path.unlink(missing_ok=True)  # nothing half-made stays behind
             raise
     return _tokenize(documents, out, Path(tokenizer), valid_out, valid_fraction, append_eod, eod_token, quiet, inputs)
+
+
+def _require_text(documents: Callable[[], Iterable[str]], valid_fraction: float, inputs: list[str] | None) -> None:
+    """Refuse, in words, inputs that leave no text to train a tokenizer on (SentencePiece would fail with
+    its internal `trainer_interface.cc [!sentences_.empty()]`)."""
+    held_out = 0
+    for text in documents():
+        if not text.strip():
+            continue
+        if not is_valid_doc(text, valid_fraction):
+            return
+        held_out += 1
+    what = ", ".join(inputs or []) or "the input"
+    if held_out:
+        raise UserError(f"{what}: all {held_out} non-empty document(s) went to the validation data (--valid-fraction "
+                        f"{valid_fraction}), so no text is left to train the tokenizer on: give more documents or a "
+                        "smaller --valid-fraction")
+    raise UserError(f"{what}: no text to tokenize (the input is empty or blank); pass files that hold text")
 
 
 def _tokenize(documents, out: str, tokenizer: Path, valid_out: str | None, valid_fraction: float, append_eod: bool,

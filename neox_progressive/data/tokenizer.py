@@ -130,8 +130,11 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out: str | Path, 
             raise UserError(f"a {vocab_size}-piece vocabulary cannot hold the {need.group(1)} characters, byte pieces and "
                             f"specials this text needs; pass --vocab-size {need.group(1)} or more") from None
         if "Vocabulary size" in msg:
-            raise UserError(f"the text is too small for a {vocab_size}-piece vocabulary ({msg.split(') ')[-1]}); "
-                            "pass a smaller --vocab-size or more text") from None
+            most = re.search(r"<= (\d+)", msg)
+            raise UserError(f"the text is too small for a {vocab_size}-piece vocabulary (it yields at most "
+                            f"{most.group(1) if most else 'fewer'} pieces); pass "
+                            f"{f'--vocab-size {most.group(1)} or less' if most else 'a smaller --vocab-size'}, or more text"
+                            ) from None
         raise UserError(f"training the SentencePiece model failed: {msg}") from None
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

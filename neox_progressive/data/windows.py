@@ -110,23 +110,31 @@ def cut_windows(src_prefix: str | Path, windows: Sequence[Sequence[int]], out_pr
     rec_path = Path(out_prefix + WINDOW_SUFFIX)
     if dataset_exists(out_prefix) and rec_path.is_file():
         try:
-            same = json.loads(rec_path.read_text()) == record
-        except json.JSONDecodeError:
-            same = False
-        if same:
+            old = json.loads(rec_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = None
+        # the same windows of the same tokens: a data dir copied or moved elsewhere is still the same data
+        if isinstance(old, dict) and {**old, "source": None} == {**record, "source": None}:
+            if old != record:
+                _write_record(rec_path, record)
             return MMapDataset(out_prefix)
     if any(p.exists() for p in paths_of(out_prefix)) and not force:
         raise UserError(f"{out_prefix}.bin/.idx already exists and was not cut from these windows of {src.prefix}; "
-                        "pass force=True (--force) to replace it")
+                        f"delete {out_prefix}.bin/.idx, or re-cut it with `neox-progressive prepare-data --family "
+                        "FAMILY.yml --force` (in code: force=True)")
     rec_path.unlink(missing_ok=True)
     with DatasetBuilder(out_prefix, src.dtype, force=True) as b:
         for start, end in wins:
             for item, offset, length in window_pieces(src.sizes, start, end):
                 b.add_document(src[item][offset: offset + length])
+    _write_record(rec_path, record)
+    return MMapDataset(out_prefix)
+
+
+def _write_record(rec_path: Path, record: dict) -> None:
     tmp = rec_path.with_name(rec_path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     tmp.replace(rec_path)
-    return MMapDataset(out_prefix)
 
 
 def cut_member_windows(src_prefix: str | Path, members: Iterable[Mapping], *, force: bool = False) -> dict[str, MMapDataset]:

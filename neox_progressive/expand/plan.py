@@ -208,6 +208,12 @@ def target_vocab(src: ModelShape, dst: ModelShape) -> ModelShape:
     if src.vocab_size and dst.vocab_size and src.vocab_size != dst.vocab_size:
         raise UserError(f"vocab: the source tokenizer has {src.vocab_size} tokens but the target's has {dst.vocab_size}; "
                         "expansion keeps the vocabulary: use the same tokenizer in both configs")
+    if dst.vocab_size and not src.vocab_size and \
+            pad_vocab(dst.vocab_size, src.make_vocab_size_divisible_by, src.tp) != src.padded_vocab_size:
+        raise UserError(f"vocab: the target's tokenizer has {dst.vocab_size} tokens, but the source checkpoint has "
+                        f"{src.padded_vocab_size} embedding rows (its config pads to multiples of "
+                        f"{src.make_vocab_size_divisible_by * src.tp}), so it was trained on another vocabulary; expansion "
+                        "keeps the vocabulary: give the target the source's tokenizer")
     base = dst.vocab_size or src.vocab_size or src.padded_vocab_size
     padded = pad_vocab(base, dst.make_vocab_size_divisible_by, dst.tp)
     if padded < src.padded_vocab_size and not (src.vocab_size and src.vocab_size <= padded):
@@ -239,9 +245,11 @@ def check_shapes(src: ModelShape, dst: ModelShape) -> None:
             raise UserError(f"{name}: the target's {b} is smaller than the source's {a}; expansion only grows a model: "
                             f"use a target config with {name} >= {a}")
     if src.head_dim != dst.head_dim:
+        fix = (f"num_attention_heads: {dst.hidden_size // src.head_dim}" if dst.hidden_size % src.head_dim == 0 else
+               f"a hidden_size that is a multiple of {src.head_dim}, with hidden_size / {src.head_dim} heads")
         raise UserError(f"head_dim: source {src.hidden_size}/{src.num_heads} = {src.head_dim}, target "
                         f"{dst.hidden_size}/{dst.num_heads} = {dst.head_dim}; heads are copied whole, so head_dim must "
-                        f"stay: use num_attention_heads = hidden_size / {src.head_dim} in the target")
+                        f"stay: use {fix} in the target")
     for name, key in ARCHITECTURE_KEYS + [(n, k) for n, k, when in CONDITIONAL_KEYS if when(src) or when(dst)]:
         a, b = getattr(src, key), getattr(dst, key)
         if a != b:

@@ -32,6 +32,7 @@ from neox_progressive.errors import UserError
 from neox_progressive.expand import rules
 from neox_progressive.expand.options import DEFAULT_OPTIONS, ExpandOptions
 from neox_progressive.expand.plan import ExpansionPlan, TensorOp, plan_expansion
+from neox_progressive.io import finite
 from neox_progressive.io.reader import CheckpointReader
 from neox_progressive.io.writer import CheckpointWriter, check_destination
 
@@ -100,7 +101,7 @@ def _maps_npz(plan: ExpansionPlan) -> bytes:
 
 
 def expand_checkpoint(src, src_configs, dst_configs, out, options: ExpandOptions = DEFAULT_OPTIONS, *,
-                      force: bool = False, quiet: bool = False, stage: str = "") -> dict:
+                      force: bool = False, quiet: bool = False, stage: str = "", allow_nonfinite: bool = False) -> dict:
     """Expand the NeoX checkpoint `src` (save dir or global_stepN dir) into `out`; return the expansion.json record.
 
     Every check runs before anything is written (UserError on bad input). `out` gets the target
@@ -116,7 +117,8 @@ def expand_checkpoint(src, src_configs, dst_configs, out, options: ExpandOptions
     record = _record(plan, reader, src, src_configs, dst_configs)
     with ThreadPoolExecutor(1) as pool:  # hashing the source overlaps the expansion (hashlib releases the GIL)
         pending = {"source_sha256": pool.submit(reader.sha256)}
-        run_plan(plan, reader, out, force=force, quiet=quiet, record=record, pending=pending, configs=_paths(dst_configs))
+        run_plan(plan, reader, out, force=force, quiet=quiet, record=record, pending=pending, configs=_paths(dst_configs),
+                 allow_nonfinite=allow_nonfinite)
     return record
 
 
@@ -152,7 +154,7 @@ class _Saver:
 
 def run_plan(plan: ExpansionPlan, reader: CheckpointReader, out: str | Path, *, force: bool = False, quiet: bool = False,
              record: dict | None = None, pending: dict[str, Future] | None = None,
-             configs: Sequence[str | Path] | None = None) -> Path:
+             configs: Sequence[str | Path] | None = None, allow_nonfinite: bool = False) -> Path:
     """Execute a plan against an open reader; writes `out` atomically.
 
     `record` (the expansion.json content) is completed with the results of `pending` at the end.
@@ -160,8 +162,10 @@ def run_plan(plan: ExpansionPlan, reader: CheckpointReader, out: str | Path, *, 
     from tqdm import tqdm
 
     dst = plan.dst
+    reader = finite.guard(reader, allow_nonfinite, plan.dtype)  # NaN/Inf (unless --allow-nonfinite), mixed dtypes
     bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="expand", disable=quiet, file=sys.stderr)
-    with bar, CheckpointWriter(out, dst, force=force, configs=configs) as w, ThreadPoolExecutor(1) as pool:
+    writer = CheckpointWriter(out, dst, force=force, configs=configs, need_bytes=plan.total_bytes)
+    with bar, writer as w, ThreadPoolExecutor(1) as pool:
         save = _Saver(pool)  # the next part is computed while the previous one is saved
 
         def write_part(write, tensor, index):

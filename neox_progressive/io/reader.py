@@ -42,6 +42,9 @@ def resolve_checkpoint_dir(path: str | Path) -> tuple[Path, str | None]:
     latest = path / "latest"
     if latest.is_file():
         tag = latest.read_text().strip()
+        if not tag:
+            raise UserError(f"{latest} is empty; it should name the checkpoint's tag dir (e.g. global_step1000): write "
+                            "the tag into it, or pass the tag dir itself")
         tag_dir = path / tag
         if not tag_dir.is_dir():
             raise UserError(f"{latest} names tag {tag!r} but {tag_dir} does not exist; fix `latest` or restore that dir")
@@ -149,7 +152,23 @@ class CheckpointReader:
                 f"read it with model_parallel_size: {self.tp} (the expansion tool reshards to the target's TP)"
             )
         rows = self._raw(arch.embed_index(), arch.EMBED_KEY).shape[0] * self.tp
-        return shape.with_vocab(rows)
+        shape = shape.with_vocab(rows)
+        self._check_sizes(shape)
+        return shape
+
+    def _check_sizes(self, shape: ModelShape) -> None:
+        """The embedding's and first layer's tensor shapes against the config's (memory-mapped: no data read), so a
+        config that does not describe the checkpoint is named as such before anything is planned from it."""
+        want = arch.neox_file_shapes(shape)
+        for index in (arch.embed_index(), arch.layer_index(0)):
+            for t, sd in enumerate(self.file_state(index)):
+                for k, s in want[index].items():
+                    if k in sd and tuple(sd[k].shape) != s:
+                        where = self.layer_files.get((index, t), self.mp_files.get(t))
+                        raise UserError(f"{where}: {k} has shape {tuple(sd[k].shape)} but the config given for this "
+                                        f"checkpoint implies {s}; the config (hidden_size {shape.hidden_size}, heads "
+                                        f"{shape.num_heads}/{shape.num_kv_heads}, FFN {shape.ffn_size}) does not describe "
+                                        "it: pass the config the checkpoint was trained with")
 
     def _describe_layers(self) -> str:
         idx = self.layer_indices

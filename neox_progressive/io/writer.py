@@ -14,7 +14,7 @@ What is written (NEOX_FACTS.md section 5):
 No `args` entry (NeoX would assert it equals the new run's config), no optimizer, no
 `inv_freq` unless the config saves it. Everything is written into a hidden temporary
 directory beside `<out>` and renamed into place at the end, so a crash leaves nothing that
-looks like a checkpoint; leftovers of crashed runs are removed the next time.
+looks like a checkpoint; leftovers of crashed runs are removed the next time (`io/atomic.py`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -30,63 +29,8 @@ import torch
 from neox_progressive import arch
 from neox_progressive.config import ModelShape
 from neox_progressive.errors import UserError
+from neox_progressive.io.atomic import TMP_MARK, AtomicDir, check_destination  # noqa: F401  (re-exported)
 from neox_progressive.io.safe import load_pt
-
-TMP_MARK = ".tmp-neox-progressive-"
-
-
-def check_destination(out: str | Path, force: bool) -> Path:
-    """Refuse an existing destination unless `force` (checked before any work starts)."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a directory")
-    return out
-
-
-def _remove_stale_temps(parent: Path, name: str) -> None:
-    for p in parent.glob(f".{name}{TMP_MARK}*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        try:
-            os.kill(int(pid), 0)
-        except (ValueError, ProcessLookupError):
-            shutil.rmtree(p, ignore_errors=True)
-        except PermissionError:
-            pass
-
-
-class AtomicDir:
-    """A directory built under a temporary name and renamed to `out` on success."""
-
-    def __init__(self, out: str | Path, force: bool = False):
-        self.out = check_destination(out, force)
-        self.force = force
-        self.tmp: Path | None = None
-
-    def __enter__(self) -> Path:
-        parent = self.out.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temps(parent, self.out.name)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}{TMP_MARK}", suffix=f"-{os.getpid()}", dir=parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        assert self.tmp is not None
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        old = None
-        if self.out.exists():
-            if not self.force:  # appeared while we worked
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                raise UserError(f"{self.out} appeared while writing; not replaced (use --force)")
-            old = self.out.with_name(f".{self.out.name}{TMP_MARK}old-{os.getpid()}")
-            os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return False
 
 
 class CheckpointWriter:
@@ -104,11 +48,12 @@ class CheckpointWriter:
         tag: checkpoint tag written to `latest`.
         configs: YAML files copied into `<tag>/configs/` as NeoX does.
         extra_files: {relative name: text} written into `out` (e.g. a manifest).
+        need_bytes: about the bytes to be written: the free space is checked before starting.
     """
 
     def __init__(self, out: str | Path, shape: ModelShape, *, force: bool = False, tag: str = "global_step0",
                  configs: list[str | Path] | None = None, extra_files: dict[str, str] | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, need_bytes: int | None = None):
         if shape.padded_vocab_size is None:
             raise UserError("the target vocab size is unknown; it must come from a tokenizer file or the source checkpoint")
         self.shape = shape
@@ -116,7 +61,7 @@ class CheckpointWriter:
         self.dtype = dtype
         self.configs = [Path(c) for c in configs or []]
         self.extra_files = dict(extra_files or {})
-        self._atomic = AtomicDir(out, force)
+        self._atomic = AtomicDir(out, force, need_bytes=need_bytes)
         self._written: set[int] = set()
         self.root: Path | None = None
         self.bytes_written = 0
@@ -158,10 +103,9 @@ class CheckpointWriter:
         for t, sd in enumerate(ranks):
             sd = {k: self._cast(v) for k, v in sd.items()}
             self.bytes_written += sum(v.numel() * v.element_size() for v in sd.values())
-            if self.shape.sequential:
-                torch.save(sd, self.spool / f"{index}-{t}.pt")
-            else:
-                torch.save(sd, self.tag_dir / arch.layer_file_name(index, t))
+            path = self.spool / f"{index}-{t}.pt" if self.shape.sequential else self.tag_dir / arch.layer_file_name(index, t)
+            self._atomic.current = path
+            torch.save(sd, path)
 
     def write_part(self, part: str, tensors: dict[str, torch.Tensor], layer: int | None = None) -> None:
         """Write one part ('embed', 'layer' with its index, 'final_norm', 'head') from its logical tensors."""
@@ -217,7 +161,8 @@ class CheckpointWriter:
                 for index in sorted(expected):
                     part = load_pt(self.spool / f"{index}-{t}.pt")  # memory-mapped
                     module.update({f"sequential.{index}.{k}": v for k, v in part.items()})
-                torch.save(self._mp_state(module, shape.tp), self.tag_dir / arch.mp_rank_file_name(t))
+                self._atomic.current = self.tag_dir / arch.mp_rank_file_name(t)
+                torch.save(self._mp_state(module, shape.tp), self._atomic.current)
                 del module
             shutil.rmtree(self.spool)
         else:

@@ -25,6 +25,7 @@ inputs changed, in which case its partial checkpoints are discarded first.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import time
@@ -35,7 +36,7 @@ from typing import Any
 
 from neox_progressive.errors import CheckFailed, UserError
 from neox_progressive.runner.engines import Engine, TrainResult, stage_save_dir
-from neox_progressive.runner.state import RunState, digest
+from neox_progressive.runner.state import RunState, config_digest, digest, inputs_match, raw_digest
 
 MODES = ("progressive", "independent")
 
@@ -52,6 +53,8 @@ class Step:
     """Does the work, given the inputs; returns the info to record."""
     outputs: list[Path] = field(default_factory=list)
     command: str = ""
+    configs: dict[str, Path] = field(default_factory=dict)
+    """Input key -> the stage YAML it digests (for records of earlier versions, see `state.inputs_match`)."""
 
 
 def stage_yaml_of(family, mode: str, member: str) -> Path:
@@ -78,6 +81,8 @@ class FamilyRun:
         self.configs_dir = self.root / "configs"
         self.state = RunState(self.root / "state.json")
         self.results: dict[str, dict[str, Any]] = {}
+        self._planned: dict[Path, str] | None = None
+        """The stage YAML texts a dry run would write: its digests are of these, as the run's will be."""
         if mode == "progressive":  # every expansion planned from the shapes, before the first member trains
             from neox_progressive.family.stages import check_expansions
 
@@ -98,21 +103,36 @@ class FamilyRun:
 
     # ---- the steps ----------------------------------------------------------------------------------
     def prepare(self) -> list[Path]:
-        """Write the stage configs and cut the members' data windows (cheap, idempotent; every run)."""
+        """Write the stage configs and cut the members' data windows (cheap, idempotent; every run).
+        Missing data is refused before anything is written."""
         from neox_progressive.family import generate_configs
 
+        self.check_data()
         written = generate_configs(self.family, self.configs_dir, self.mode)
         self._cut_windows()
         return written
 
-    def _cut_windows(self) -> None:
-        from neox_progressive.data import cut_member_windows, dataset_exists
+    def check_data(self) -> None:
+        from neox_progressive.data import dataset_exists
 
-        src = self.family.data.train
-        if not dataset_exists(src):
-            raise UserError(f"the family's training data {src}.bin/.idx does not exist; make it with "
-                            f"`neox-progressive prepare-data --family {self.family.path}` (see its `data` block)")
-        cut_member_windows(src, self.plan.to_dict()["rows"])
+        for what, src in (("training", self.family.data.train), ("validation", self.family.data.valid)):
+            if src and not dataset_exists(src):
+                raise UserError(f"the family's {what} data {src}.bin/.idx does not exist; make it with "
+                                f"`neox-progressive prepare-data --family {self.family.path}` (see its `data` block)")
+
+    def _cut_windows(self) -> None:
+        from neox_progressive.data import cut_member_windows
+
+        cut_member_windows(self.family.data.train, self.plan.to_dict()["rows"])
+
+    def _config_text(self, path: Path) -> str | None:
+        if self._planned is not None and path in self._planned:
+            return self._planned[path]
+        return path.read_text() if path.is_file() else None
+
+    def config_digest(self, path: Path) -> str | None:
+        """The content digest of a stage YAML (a comment, such as the family file's name, does not count)."""
+        return config_digest(self._config_text(path))
 
     def steps(self) -> Iterator[Step]:
         names = self.names
@@ -130,8 +150,8 @@ class FamilyRun:
         options = ExpandOptions.from_dict(dict(getattr(self.family, "expansion", None) or {}))
 
         def inputs() -> dict[str, Any]:
-            return {"source": digest(src), "src_config": digest(self.stage_yaml(prev)),
-                    "dst_config": digest(self.stage_yaml(name)), "options": repr(options)}
+            return {"source": digest(src), "src_config": self.config_digest(self.stage_yaml(prev)),
+                    "dst_config": self.config_digest(self.stage_yaml(name)), "options": repr(options)}
 
         def action(_inputs: dict[str, Any]) -> dict[str, Any]:
             record = expand_checkpoint(src, [self.stage_yaml(prev)], [self.stage_yaml(name)], out, options,
@@ -140,26 +160,28 @@ class FamilyRun:
 
         cmd = (f"neox-progressive expand --src {src} --src-config {self.stage_yaml(prev)} "
                f"--dst-config {self.stage_yaml(name)} --out {out}")
-        return Step(f"{name}/expand", f"expand {prev} -> {name}", inputs, action, [out], cmd)
+        return Step(f"{name}/expand", f"expand {prev} -> {name}", inputs, action, [out], cmd,
+                    {"src_config": self.stage_yaml(prev), "dst_config": self.stage_yaml(name)})
 
     def _train_step(self, name: str, expanded: bool) -> Step:
         yml = self.stage_yaml(name)
         expanded_dir = self.dirs(name).expanded if expanded else None
 
         def inputs() -> dict[str, Any]:
-            return {"config": digest(yml), "init": digest(expanded_dir) if expanded_dir else "scratch"}
+            return {"config": self.config_digest(yml), "init": digest(expanded_dir) if expanded_dir else "scratch"}
 
         def action(inputs: dict[str, Any]) -> dict[str, Any]:
             return self._train(name, yml, expanded_dir, inputs)
 
         return Step(f"{name}/train", f"train {name} ({'from the expanded ' + name if expanded else 'from scratch'})",
-                    inputs, action, [stage_save_dir(yml)] if yml.exists() else [], self.engine.command(yml))
+                    inputs, action, [stage_save_dir(yml)] if yml.exists() else [], self.engine.command(yml), {"config": yml})
 
     # ---- training with the stage-start check --------------------------------------------------------
     def _train(self, name: str, yml: Path, expanded_dir: Path | None, inputs: dict[str, Any]) -> dict[str, Any]:
         save = stage_save_dir(yml)
         marker = self.dirs(name).root / "train_inputs.json"
-        if save.exists() and (not marker.is_file() or json.loads(marker.read_text()) != inputs):
+        same = marker.is_file() and inputs_match(json.loads(marker.read_text()), inputs, {"config": self._legacy(yml)})
+        if save.exists() and not same:
             _log(f"{name}: discarding the partial checkpoints in {save} (made from other inputs)", self.quiet)
             shutil.rmtree(save)
         marker.parent.mkdir(parents=True, exist_ok=True)
@@ -184,7 +206,8 @@ class FamilyRun:
         _log(f"{name}: the expanded checkpoint's held-out loss is {loss:.4f} (random init: about ln V)", self.quiet)
         # the builtin engine logs iterations 1..10 one by one; NeoX logs every log_interval
         first = settings.log_interval if self.engine.name == "neox" else 1
-        return _LiveStartCheck(name, loss, settings.shape.padded_vocab_size or 0, quiet=self.quiet, first_iteration=first)
+        return _LiveStartCheck(name, loss, settings.shape.padded_vocab_size or 0, quiet=self.quiet, first_iteration=first,
+                               engine=self.engine.name)
 
     def _summary(self, name: str, result: TrainResult) -> dict[str, Any]:
         from neox_progressive.train import read_metrics
@@ -204,8 +227,12 @@ class FamilyRun:
         return out
 
     # ---- driving ------------------------------------------------------------------------------------
+    def _legacy(self, path: Path) -> str | None:
+        return raw_digest(path.name, self._config_text(path))
+
     def is_done(self, step: Step, inputs: dict[str, Any]) -> bool:
-        return self.state.info(step.name).get("inputs") == inputs and self.state.done(step.name)
+        legacy = {k: self._legacy(p) for k, p in step.configs.items()}
+        return inputs_match(self.state.info(step.name).get("inputs"), inputs, legacy) and self.state.done(step.name)
 
     def run(self) -> dict[str, dict[str, Any]]:
         """Run every step not already done; returns {step name: info}."""
@@ -226,7 +253,12 @@ class FamilyRun:
         return self.results
 
     def describe(self) -> list[str]:
-        """The `--dry-run` lines: every step and command, marking what is already done."""
+        """The `--dry-run` lines: every step and command, marking what is already done (judged on the stage configs
+        the run would write, not on those on disk)."""
+        from neox_progressive.family.stages import dump_stage
+
+        self._planned = {self.stage_yaml(n): dump_stage(self.family, self.plan, n, self.configs_dir.resolve())
+                         for n in self.names}
         lines = [f"[{self.mode}] write {len(self.names)} stage configs into {self.configs_dir} and cut the data windows"]
         for step in self.steps():
             done = self.is_done(step, step.inputs())
@@ -241,8 +273,10 @@ class _LiveStartCheck:
     `finish` decides from the metrics file or the NeoX log when the callback saw too few (a resumed
     or very short stage)."""
 
-    def __init__(self, member: str, expanded: float, vocab: int, quiet: bool, n_first: int = 5, first_iteration: int = 1):
+    def __init__(self, member: str, expanded: float, vocab: int, quiet: bool, n_first: int = 5, first_iteration: int = 1,
+                 engine: str = "neox"):
         self.member, self.expanded, self.vocab, self.quiet, self.n_first = member, expanded, vocab, quiet, n_first
+        self.engine = engine
         self.first_iteration = first_iteration
         """The iteration of the first logged loss: 1 for the builtin engine, log_interval for NeoX."""
         self.losses: list[float] = []
@@ -262,7 +296,7 @@ class _LiveStartCheck:
     def _decide(self) -> None:
         from neox_progressive.train import check_stage_start
 
-        self.result = check_stage_start(self.expanded, self.losses, self.vocab, member=self.member)
+        self.result = check_stage_start(self.expanded, self.losses, self.vocab, member=self.member, engine=self.engine)
         _log(self.result.message, self.quiet)
         if not self.result.ok:
             raise CheckFailed(self.result.message)
@@ -274,7 +308,9 @@ class _LiveStartCheck:
                 raise CheckFailed(f"member {self.member}: no training losses were logged, so the stage-start check cannot "
                                   "tell whether training started from the expanded weights (set log_interval: 1)")
             self._decide()
-        return {"verdict": self.result.verdict, "first_losses": self.losses, "expanded_loss": self.expanded}
+        return {"verdict": self.result.verdict, "first_losses": self.losses, "expanded_loss": self.expanded,
+                "threshold": self.result.threshold if math.isfinite(self.result.threshold) else None,
+                "warning": self.result.warning}
 
     def _first_losses(self, result: TrainResult) -> list[float]:
         by_iter: dict[int, float] = {}

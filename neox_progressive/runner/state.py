@@ -11,6 +11,11 @@ temporary directories excluded), so a checkpoint digest does not depend on times
 dir (one with `latest`) is digested as what the next step reads from it: `latest` and the model
 files (`*model_states.pt`) of the tag it names. Earlier checkpoints and optimizer states, which can
 be hundreds of GB at the paper's sizes, are not read again on every check.
+
+A YAML config as a step's input is digested by its content (`config_digest`: the parsed values as
+canonical JSON), so a comment does not count: renaming the family file changes the header comment of
+every stage YAML, and must not retrain the family. Records written before this digest existed held
+the file's raw digest; `inputs_match` still accepts those while the file is unchanged.
 """
 
 from __future__ import annotations
@@ -19,8 +24,14 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import yaml
+
+CONFIG_DIGEST = "yaml-sha256:"
+"""Prefix of a config's content digest (a raw file digest has none)."""
 
 
 def digest(path: str | Path) -> str | None:
@@ -45,6 +56,36 @@ def digest(path: str | Path) -> str | None:
                 h.update(block)
         h.update(b"\0")
     return h.hexdigest()
+
+
+def config_digest(text: str | None) -> str | None:
+    """Digest of a YAML config's content (`CONFIG_DIGEST` + sha256 of its values as canonical JSON); None if missing."""
+    if text is None:
+        return None
+    data = json.dumps(yaml.safe_load(text), sort_keys=True, separators=(",", ":"), default=str)
+    return CONFIG_DIGEST + hashlib.sha256(data.encode()).hexdigest()
+
+
+def raw_digest(name: str, text: str | None) -> str | None:
+    """What `digest` gives for a file `name` holding `text` (the form earlier versions recorded for configs)."""
+    if text is None:
+        return None
+    h = hashlib.sha256()
+    h.update(name.encode() + b"\0")
+    h.update(text.encode())
+    h.update(b"\0")
+    return h.hexdigest()
+
+
+def inputs_match(recorded: Any, current: Mapping[str, Any], legacy: Mapping[str, str | None]) -> bool:
+    """Recorded step inputs equal to `current`; a config input recorded as a raw file digest (earlier versions) counts
+    as equal when it is `legacy[key]`, the raw digest of the same file now."""
+    if recorded == current:
+        return True
+    if not isinstance(recorded, dict) or recorded.keys() != current.keys():
+        return False
+    return all(recorded[k] == v or (k in legacy and isinstance(recorded[k], str) and not recorded[k].startswith(CONFIG_DIGEST)
+                                   and recorded[k] == legacy[k]) for k, v in current.items())
 
 
 class RunState:
