@@ -31,6 +31,9 @@ from neox_progressive.errors import UserError
 
 MODES = ("progressive", "independent")
 LR_RULES = ("fixed", "per_member", "size_scaled")
+LR_SCALE_BY = ("params", "stage")
+BUDGET_KEEP = ("batch", "updates")
+FIXED_DATA_ORDERS = ("epochs", "shuffled")
 EXPANSION_CHOICES = {
     "method": ("aki", "fpi"), "depth_rule": ("b2b", "interp", "cyclic"), "new_layer_init": ("copy", "zero_out"),
     "rms_comp": ("none", "exact"), "map_sampling": ("uniform", "balanced"),
@@ -102,12 +105,24 @@ class Budget:
     """computed: from the shapes (embedding and untied head included); nominal: each member's nominal_params."""
     fixed_data: bool = False
     """Paper Section 4.3 "+Fixed Data": unique tokens capped at the largest member's scratch budget."""
+    keep: str = "batch"
+    """How a progressive member trains fewer tokens than from scratch (our reading; App. A gives every size 40700
+    updates at its batch, which fits the scratch budgets only): `batch` keeps the member's global batch and trains
+    fewer iterations; `updates` keeps the member's scratch iteration count and shrinks its global batch."""
+    fixed_data_order: str = "epochs"
+    """With `fixed_data`, the order in which a member whose window wraps reads its tokens: `epochs` (the paper's
+    Fig. 3: the rest of the first epoch, then the second epoch; each part shuffled within itself) or `shuffled`
+    (NeoX's default: all of the member's samples shuffled together, so the repeated tokens spread through the stage)."""
 
 
 @dataclass(frozen=True)
 class LRSpec:
     rule: str = "fixed"
-    """fixed (`max` for all) | per_member (each member's max_lr) | size_scaled (linear in params, paper 4.4)."""
+    """fixed (`max` for all) | per_member (each member's max_lr) | size_scaled (paper 4.4: from `smallest` for the
+    first member to `largest` for the last, linear in `by`)."""
+    by: str = "params"
+    """size_scaled only, our reading of "linearly decreasing ... in accordance with the increase in model size":
+    `params` (linear in the members' parameter counts) or `stage` (linear in the member's index)."""
     max: float | None = None
     smallest: float | None = None
     largest: float | None = None
