@@ -188,6 +188,11 @@ def test_keep_batch_or_updates(tmp_path):
     assert [(r.micro_batch, r.gradient_accumulation_steps) for r in plan.rows[1:]] == [(1, 23), (5, 9), (5, 18)]
     # independent members train their scratch budgets: nothing to keep, the same plan either way
     assert [r.global_batch for r in plan_family(fam, "independent").rows] == [960, 1920, 3840, 7680]
+    # a first member is its own scratch run, batch kept, even where a smaller batch would reach its tokens in its
+    # updates (2670 tokens: 6 updates of 8 x 64; 7 x 64 x 6 would do)
+    tiny = changed(tiny_family(), **{"budget.keep": "updates", "budget.tokens_per_param": 0.05, "training.lr.warmup": 0.0})
+    first = plan_family(load_family(write_family(tmp_path, tiny, "t.yml"))).rows[0]
+    assert (first.tokens, first.scratch_iters, first.global_batch, first.train_iters) == (2671, 6, 8, 6)
 
 
 def test_lr_size_scaled_by_stage(tmp_path):

@@ -21,9 +21,11 @@ from neox_progressive.train.batches import SampleSource
 S = 16
 
 
-@pytest.fixture()
-def windowed(tmp_path):
-    """A source stream of documents (token value = position), and a member dataset of two windows that wraps."""
+@pytest.fixture(params=[1500, 1504], ids=["first-window-1500", "first-window-94xS"])
+def windowed(tmp_path, request):
+    """A source stream of documents (token value = position), and a member dataset of two windows that wraps (the
+    first window's length a multiple of S or not)."""
+    first = request.param
     rng = np.random.default_rng(1)
     sizes = rng.integers(1, 40, size=300)
     bounds = np.concatenate([[0], np.cumsum(sizes)])
@@ -32,11 +34,11 @@ def windowed(tmp_path):
     total = int(bounds[-1])
     n = 250                                      # samples NeoX asks for
     length = n * S + 1                           # neox_window_tokens: n x S + 1
-    start = total - 1500
-    windows = [[start, total], [0, length - 1500]]
+    start = total - first
+    windows = [[start, total], [0, length - first]]
     row = {"name": "8B", "data_windows": windows, "train_data_path": str(tmp_path / "member"),
            "sample_order": {"order": "epochs", "num_samples": n, "seq_length": S, "seed": 7, "allow_chopped": True,
-                            "segments": segment_samples([1500, length - 1500], S, n)}}
+                            "segments": segment_samples([first, length - first], S, n)}}
     return src, row
 
 

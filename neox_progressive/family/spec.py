@@ -8,8 +8,8 @@ Format (every block is documented in configs/neox/README.md; unknown keys are er
     model: {vocab_size: 50257, seq_length: 1024, mlp_multiple_of: 64, ...}   # shared shape keys
     members:                         # increasing size
       - {name: 1B, hidden_size: 2048, ffn_size: 7168, num_layers: 18, num_heads: 16, global_batch: 960}
-    budget: {tokens_per_param: 40, params: computed, fixed_data: false}
-    training: {num_gpus: 64, micro_batch: 5, precision: bfloat16, lr: {rule: fixed, max: 3.0e-4}}
+    budget: {tokens_per_param: 40, params: computed, keep: batch, fixed_data: false}   # + fixed_data_order
+    training: {num_gpus: 64, micro_batch: 5, precision: bfloat16, lr: {rule: fixed, max: 3.0e-4}}   # size_scaled: by
     data: {train: /data/train_text_document, valid: /data/valid_text_document}
     expansion: {method: aki, ...}    # passed on to the expansion step
     eval: {tasks: [...], ...}        # passed on to the eval step
