@@ -19,25 +19,33 @@ from neox_progressive.family import generate_configs, load_family, member_dirs, 
 from neox_progressive.family.stages import dump_stage
 from neox_progressive.neox_args import validate_files
 
-COMMITTED = sorted(p for p in CONFIGS.glob("*.yml") if (CONFIGS / p.stem).is_dir())
+# family file -> the folder of its committed stages: the default family's (2x Chinchilla, progressive) are
+# configs/neox/stage_*.yml themselves, the variants' are in configs/neox/<family>/.
+DEFAULT = CONFIGS / "paper_2x_chinchilla.yml"
+COMMITTED = {DEFAULT: CONFIGS, **{p: CONFIGS / p.stem for p in sorted(CONFIGS.glob("*.yml")) if (CONFIGS / p.stem).is_dir()}}
 
 
 def test_paper_family_stage_files_committed():
     assert {p.stem for p in COMMITTED} >= {"paper_2x_chinchilla", "paper_chinchilla", "paper_2x_chinchilla_lr_scaled",
-                                           "paper_2x_chinchilla_fixed_data"}
-    assert sorted(p.name for p in (CONFIGS / "paper_2x_chinchilla").glob("stage_*.yml")) == [
-        "stage_1B.yml", "stage_2B.yml", "stage_4B.yml", "stage_8B.yml"]
+                                           "paper_2x_chinchilla_fixed_data", "paper_2x_chinchilla_fixed_data_lr_scaled"}
+    stages = ["stage_1B.yml", "stage_2B.yml", "stage_4B.yml", "stage_8B.yml"]
+    assert sorted(p.name for p in CONFIGS.glob("stage_*.yml")) == stages   # `deepy.py train.py configs/neox/stage_8B.yml`
+    assert not (CONFIGS / "paper_2x_chinchilla").exists()                  # one copy of the default family's stages
+    for family_file, folder in COMMITTED.items():
+        assert sorted(p.name for p in folder.glob("stage_*.yml")) == stages, family_file
 
 
-@pytest.mark.parametrize("family_file", COMMITTED, ids=lambda p: p.stem)
+@pytest.mark.parametrize("family_file", list(COMMITTED), ids=lambda p: p.stem)
 def test_committed_stage_files_are_current(family_file, tmp_path):
     fam = load_family(family_file)
+    assert fam.mode == "progressive"
     generate_configs(fam, tmp_path, plot=False)
+    folder = COMMITTED[family_file]
     for out in sorted(tmp_path.glob("*")):
-        committed = CONFIGS / family_file.stem / out.name
+        committed = folder / out.name
         assert committed.read_text() == out.read_text(), (
             f"{committed} is stale: run neox-progressive generate-configs {family_file.relative_to(REPO)} "
-            f"--out {committed.parent.relative_to(REPO)} --force")
+            f"--out {folder.relative_to(REPO)} --force")
 
 
 def _stage(path) -> dict:
@@ -209,3 +217,40 @@ def test_neox_kl_hook_points_each_later_stage_at_the_previous_member(tmp_path):
         assert args["previous_checkpoint"] == str(member_dirs(fam, "progressive", prev).checkpoints)
         assert args["previous_config"] == [str((tmp_path / "cfg" / f"stage_{prev}.yml").resolve())]
         assert args["data_path"] == str(fam.data.valid)
+
+
+def test_stage_headers_name_our_choices_and_readings(tmp_path):
+    """What the paper leaves open is said in the generated files: init, min LR, Adam eps, KV heads (MHA), and the
+    batch a `keep: updates` member trains with; the stage trains what the plan says."""
+    data = changed(paper_family(40), **{"budget.keep": "updates"})
+    fam = load_family(write_family(tmp_path, data))
+    plan = plan_family(fam)
+    text = dump_stage(fam, plan, "2B")
+    header = "\n".join(x for x in text.splitlines() if x.startswith("#"))
+    assert "Not stated by the paper (our choices): init small_init / wang_init, min LR 3e-05, Adam eps 1e-08, " \
+           "20 KV heads of 20 (MHA)" in header
+    assert "Global batch 1472, not the member's 1920: budget.keep: updates" in header
+    cfg = yaml.safe_load(text)
+    assert cfg["train_batch_size"] == plan.row("2B").global_batch == 1472
+    assert cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * 64 == 1472
+    assert cfg["train_iters"] == plan.row("2B").train_iters <= plan.row("2B").scratch_iters
+    assert "Global batch" not in dump_stage(fam, plan, "1B")
+    for path in (CONFIGS / "stage_8B.yml", CONFIGS / "paper_2x_chinchilla_fixed_data_lr_scaled" / "stage_8B.yml"):
+        assert "(our choices): init small_init / wang_init" in path.read_text()
+    assert "the rest of the first epoch, then the second epoch" in (
+        CONFIGS / "paper_2x_chinchilla_fixed_data_lr_scaled" / "stage_8B.yml").read_text()
+
+
+def test_cli_plan_prints_the_readings(capsys):
+    rc, out, _ = _cli(capsys, "plan", CONFIGS / "paper_2x_chinchilla_fixed_data_lr_scaled.yml")
+    assert rc == 0
+    lines = [x for x in out.splitlines() if x.startswith("reading: ")]
+    assert [x.split(".")[0].split(":")[1].strip() for x in lines] == ["budget", "training", "budget"]
+    assert "budget.keep: batch (our reading)" in lines[0] and "size_scaled by params (our reading" in lines[1]
+    assert "budget.fixed_data_order: epochs" in lines[2]
+    rc, out, _ = _cli(capsys, "plan", CONFIGS / "paper_2x_chinchilla.yml", "--format", "json")
+    plan = json.loads(out)
+    assert (plan["budget_keep"], plan["lr_rule"], plan["fixed_data_order"]) == ("batch", "fixed", None)
+    assert len(plan["readings"]) == 1 and plan["members"][1]["scratch_iters"] == 40691
+    rc, out, _ = _cli(capsys, "plan", CONFIGS / "paper_2x_chinchilla.yml", "--mode", "independent")
+    assert "reading: " not in out   # independent members train their scratch budgets: nothing to choose

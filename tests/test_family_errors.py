@@ -88,11 +88,32 @@ def test_shared_block_checked(tmp_path):
     ({"budget.params": "nominal", "members.1.nominal_params": None}, ["nominal_params", "2B"]),
     ({"members.0.name": "1B/x"}, ["members[0].name"]),
     ({"members.1.name": "1B"}, ["unique"]),
+    ({"budget.keep": "update"}, ["budget.keep", "'batch', 'updates'", "did you mean 'updates'"]),
+    ({"budget.fixed_data_order": "epochs"}, ["budget.fixed_data_order", "fixed_data: true"]),
+    ({"budget.fixed_data": True, "budget.fixed_data_order": "mixed"}, ["fixed_data_order", "'epochs', 'shuffled'"]),
+    ({"training.lr": {"rule": "fixed", "max": 1.0e-3, "by": "stage"}}, ["training.lr.by", "size_scaled"]),
+    ({"training.lr": {"rule": "size_scaled", "smallest": 1.0e-3, "largest": 5.0e-4, "by": "index"}},
+     ["training.lr.by", "'params', 'stage'"]),
 ])
 def test_bad_values(tmp_path, change, words):
     msg = _error(tmp_path, changed(paper_family(), **change))
     for w in words:
         assert w in msg, msg
+
+
+def test_epoch_order_refuses_keys_that_change_neox_index_maps(tmp_path):
+    """The fixed-data epoch order works through NeoX's cached index maps of a packed dataset: shared keys that make
+    NeoX build or name them otherwise are refused when the stages are generated, naming the key and the way out."""
+    from neox_progressive.family import generate_configs
+
+    for key, value in (("pack_impl", "unpacked"), ("weight_by_num_documents", True)):
+        data = changed(paper_family(), **{"budget.fixed_data": True}, shared={key: value})
+        fam = load_family(write_family(tmp_path, data))
+        with pytest.raises(UserError, match=f"shared.{key} .*fixed_data_order: shuffled"):
+            generate_configs(fam, tmp_path / "cfg", plot=False)
+        assert not (tmp_path / "cfg").exists()
+        data["budget"]["fixed_data_order"] = "shuffled"
+        generate_configs(load_family(write_family(tmp_path, data)), tmp_path / "ok", plot=False)
 
 
 def test_missing_blocks_and_bad_yaml(tmp_path):

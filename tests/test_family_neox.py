@@ -16,15 +16,21 @@ from neox_progressive.neox_args import validate_files
 pytestmark = pytest.mark.neox
 
 FAMILIES = ["paper_2x_chinchilla", "paper_chinchilla", "paper_2x_chinchilla_lr_scaled", "paper_2x_chinchilla_fixed_data",
-            "tiny_family", "pythia_family"]
+            "paper_2x_chinchilla_fixed_data_lr_scaled", "tiny_family", "pythia_family"]
+# the other readings the family file offers, on the default paper family
+OPTIONS = {"keep_updates": ("paper_2x_chinchilla", {"budget": {"keep": "updates"}}),
+           "lr_by_stage": ("paper_2x_chinchilla_lr_scaled", {"training": {"lr": {"by": "stage"}}}),
+           "fixed_shuffled": ("paper_2x_chinchilla_fixed_data", {"budget": {"fixed_data_order": "shuffled"}})}
 
 
 def test_every_generated_stage_loads_in_neox(tmp_path):
     cases, expect = [], []
-    for name in FAMILIES:
-        fam = load_family(CONFIGS / f"{name}.yml")
+    variants = [(name, name, None) for name in FAMILIES] + [(key, name, over) for key, (name, over) in OPTIONS.items()]
+    assert set(FAMILIES) >= {p.stem for p in CONFIGS.glob("*.yml") if not p.stem.startswith("stage_")}  # every family file
+    for label, name, over in variants:
+        fam = load_family(CONFIGS / f"{name}.yml", over)
         for mode in ("progressive", "independent"):
-            out = tmp_path / name / mode
+            out = tmp_path / label / mode
             generate_configs(fam, out, mode, plot=False)
             plan = plan_family(fam, mode)
             for row in plan.rows:
@@ -44,6 +50,8 @@ def test_every_generated_stage_loads_in_neox(tmp_path):
         assert res["lr"] == pytest.approx(row.max_lr) and res["min_lr"] == pytest.approx(row.min_lr)
         assert res["use_wandb"] is False and res["intermediate_size"] == cfg["intermediate_size"]
         assert res["train_data_paths"] == [row.train_data_path]
+        assert res["train_batch_size"] == res["train_micro_batch_size_per_gpu"] * res["gradient_accumulation_steps"] * (
+            res["dp"])
         assert bool(res["finetune"]) == (mode == "progressive" and row.name != fam.members[0].name)
         # NeoX builds the architecture our reader reads from the same file (Llama shape or classic transformer)
         shape = ModelShape.from_yamls([stage])

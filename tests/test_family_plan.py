@@ -133,7 +133,10 @@ def test_data_windows_progressive_fixed_independent(tmp_path):
 
     ind = plan_family(fam, "independent")
     assert [r.data_windows for r in ind.rows] == [[[0, r.window_tokens]] for r in ind.rows]
-    assert all(r.train_data_path.endswith(f".{fam.name}.independent.{r.name}") for r in ind.rows)
+    assert all(r.train_data_path.endswith(f".{fam.name}.independent.{r.name}") for r in ind.rows[1:])
+    # the first member's window is the same in both modes: one dataset, the progressive one
+    assert ind.rows[0].data_windows == plan.rows[0].data_windows
+    assert ind.rows[0].train_data_path == plan.rows[0].train_data_path
     # the family name is in the window names: two families on one dataset never cut over each other
     other = plan_family(load_family(write_family(tmp_path, {**paper_family(40), "name": "other"}, "other.yml")), "progressive")
     assert not {r.train_data_path for r in other.rows} & {r.train_data_path for r in plan_family(fam, "progressive").rows}
@@ -157,3 +160,65 @@ def test_tiny_family_small_and_warmup_checked(tmp_path):
     plan = plan_family(load_family(write_family(tmp_path, tiny_family())))
     assert all(r.warmup_iters >= 1 for r in plan.rows)
     assert math.isclose(plan.total_flops, plan.largest_scratch_flops, rel_tol=1e-12)
+
+
+def test_keep_batch_or_updates(tmp_path):
+    """budget.keep (our reading of App. A): `batch` keeps each member's global batch; `updates` keeps the scratch run's
+    iteration count and shrinks the batch to the smallest multiple of data-parallel 64 that reaches the budget."""
+    seq, dp = 1024, 64
+    batch_plan = plan_family(load_family(write_family(tmp_path, paper_family(40))), "progressive")
+    fam = load_family(write_family(tmp_path, changed(paper_family(40), **{"budget.keep": "updates"}), "u.yml"))
+    plan = plan_family(fam, "progressive")
+    assert (batch_plan.keep, plan.keep) == ("batch", "updates")
+    assert [r.global_batch for r in batch_plan.rows] == [960, 1920, 3840, 7680]
+    for r, b in zip(plan.rows, (v[-1] for v in APP_A.values())):
+        assert r.scratch_iters == math.ceil(r.scratch_tokens / (b * seq))
+        assert abs(r.scratch_iters - 40700) < 10                        # App. A: 40700 updates for every size
+        assert r.train_iters <= r.scratch_iters and r.tokens <= r.realized_tokens < r.tokens + r.global_batch * seq
+        if r.tokens == r.scratch_tokens:                                 # 1B: its scratch run, App. A's batch
+            assert r.global_batch == b
+            continue
+        assert r.global_batch % dp == 0 and r.global_batch < b
+        assert (r.global_batch - dp) * r.scratch_iters * seq < r.tokens <= r.global_batch * r.scratch_iters * seq
+        per_gpu = r.global_batch // dp
+        assert r.micro_batch * r.gradient_accumulation_steps == per_gpu and r.micro_batch <= 5
+        assert all(per_gpu % m for m in range(r.micro_batch + 1, 6))      # the largest micro batch that divides
+    # 60B / (40691 x 1024) = 1439.97 sequences -> 23 x 64; 120B -> 2879.9 -> 45 x 64; 240B -> 5759.9 -> 90 x 64
+    assert [r.global_batch for r in plan.rows] == [960, 23 * 64, 45 * 64, 90 * 64]
+    assert [(r.micro_batch, r.gradient_accumulation_steps) for r in plan.rows[1:]] == [(1, 23), (5, 9), (5, 18)]
+    # independent members train their scratch budgets: nothing to keep, the same plan either way
+    assert [r.global_batch for r in plan_family(fam, "independent").rows] == [960, 1920, 3840, 7680]
+    # a first member is its own scratch run, batch kept, even where a smaller batch would reach its tokens in its
+    # updates (2670 tokens: 6 updates of 8 x 64; 7 x 64 x 6 would do)
+    tiny = changed(tiny_family(), **{"budget.keep": "updates", "budget.tokens_per_param": 0.05, "training.lr.warmup": 0.0})
+    first = plan_family(load_family(write_family(tmp_path, tiny, "t.yml"))).rows[0]
+    assert (first.tokens, first.scratch_iters, first.global_batch, first.train_iters) == (2671, 6, 8, 6)
+
+
+def test_lr_size_scaled_by_stage(tmp_path):
+    lr = {"rule": "size_scaled", "smallest": 6.0e-4, "largest": 3.0e-4}
+    by_stage = load_family(write_family(tmp_path, changed(paper_family(40), **{"training.lr": {**lr, "by": "stage"}})))
+    assert max_lrs(by_stage) == pytest.approx([6.0e-4, 5.0e-4, 4.0e-4, 3.0e-4], rel=1e-9)   # a third of the way each
+    by_params = load_family(write_family(tmp_path, changed(paper_family(40), **{"training.lr": lr}), "p.yml"))
+    assert by_params.training.lr.by == "params"   # the default: linear in N (2B at 1/7 of the way, 4B at 3/7)
+    assert max_lrs(by_params)[1] == pytest.approx(6.0e-4 - 3.0e-4 / 7, rel=1e-5)
+
+
+def test_fixed_data_order_epochs_segments(tmp_path):
+    """`epochs`: the wrapping member's samples split at the end of its first window (the rest of the first epoch)."""
+    fam = load_family(write_family(tmp_path, changed(paper_family(40), **{"budget.fixed_data": True})))
+    plan = plan_family(fam)
+    assert plan.fixed_data_order == "epochs" and [r.sample_order is None for r in plan.rows] == [True, True, True, False]
+    order, row = plan.rows[-1].sample_order, plan.rows[-1]
+    first = row.data_windows[0][1] - row.data_windows[0][0]
+    n = (row.window_tokens - 1) // 1024
+    assert order["num_samples"] == n == math.ceil(row.train_iters * row.global_batch * 1.005)
+    (a, end), (b, last) = order["segments"]
+    assert (a, b, last) == (0, end, n) and order["seed"] == 1234 and order["seq_length"] == 1024
+    # sample j covers tokens [1024 j, 1024 j + 1024]: the last sample of segment 1 ends inside the first window,
+    # the first sample of segment 2 does not
+    assert (end - 1) * 1024 + 1024 <= first - 1 < end * 1024 + 1024
+    shuffled = plan_family(load_family(write_family(tmp_path, changed(
+        paper_family(40), **{"budget.fixed_data": True, "budget.fixed_data_order": "shuffled"}), "s.yml")))
+    assert all(r.sample_order is None for r in shuffled.rows) and shuffled.fixed_data_order == "shuffled"
+    assert plan_family(fam, "independent").fixed_data_order is None

@@ -127,6 +127,8 @@ def test_dry_run_prints_steps_and_commands_and_writes_nothing(data, tmp_path, ca
                  "[independent] l/train: train l (from scratch)", "$ neox-progressive expand --src"):
         assert line in out, out
     assert "[independent] m/expand" not in out
+    # the first member, the same model in both families, is trained once: the independent family reuses it
+    assert "[independent] s/train: reuse progressive s (the same model" in out and "[independent] s/train: train" not in out
     assert not (tmp_path / "out").exists()
     neox = tmp_path / "neox"
     neox.mkdir()
@@ -260,3 +262,98 @@ def test_a_pair_the_expansion_cannot_grow_stops_before_training(data, tmp_path, 
     err = capsys.readouterr().err
     assert "member l cannot be expanded from m" in err and "head_dim" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_mode_both_trains_the_first_member_once(trained, capsys):
+    """The first member is the same model in both families (same budget, window and schedule): --mode both trains it
+    once, the independent family reuses it, its state file records the progressive checkpoint, the summary says so.
+    (On the module's progressively trained family: its progressive steps are all done, so only m and l train here.)"""
+    from neox_progressive.family import plan_family
+
+    fam, family = trained
+    args = ["run", str(fam), "--mode", "both", "--engine", "builtin", "--device", "cpu", "--no-eval"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "[independent] reuse progressive s (the same model" in captured.err
+    assert "| independent | s (= progressive s) |" in captured.out
+    assert "independent s is the progressive family's s, trained once" in captured.out
+    prog = member_dirs(family, "progressive", "s").checkpoints
+    assert not member_dirs(family, "independent", "s").root.exists()        # nothing trained for it
+    for name in ("m", "l"):                                                  # the others from scratch, in their dirs
+        assert (member_dirs(family, "independent", name).checkpoints / "latest").is_file()
+    state = RunState(Path(family.output_dir) / "independent" / "state.json")
+    info = state.info("s/train")
+    assert info["reused_from"] == "progressive" and info["checkpoint"] == str(prog) and state.done("s/train")
+    assert list(state.steps["s/train"]["outputs"]) == [str(prog)]
+    assert info["final_valid_loss"] == RunState(Path(family.output_dir) / "progressive" / "state.json").info(
+        "s/train")["final_valid_loss"]
+    rows = [plan_family(family, mode).rows[0] for mode in ("progressive", "independent")]
+    assert rows[0].train_data_path == rows[1].train_data_path and rows[0].data_windows == rows[1].data_windows
+    # everything verified and skipped on a rerun, the reuse included
+    assert main(args) == 0
+    assert capsys.readouterr().err.count("skipping") == 8   # progressive 5 + independent 3
+    # a changed progressive s changes what the independent family reuses: both would be redone
+    latest = prog / (prog / "latest").read_text().strip()
+    model_file = sorted(latest.glob("*model_states.pt"))[0]
+    original = model_file.read_bytes()
+    try:
+        model_file.write_bytes(original + b"\0")
+        assert main(["run", str(fam), "--mode", "both", "--dry-run"]) == 0
+    finally:
+        model_file.write_bytes(original)
+    out = capsys.readouterr().out
+    assert "[independent] s/train: reuse progressive s" in out and "s/train: train s (from scratch)\n" in out
+    assert "(done, will be skipped)" not in out.split("[independent] s/train")[1].split("\n")[0]
+    assert "[independent] m/train: train m (from scratch)  (done, will be skipped)" in out
+
+
+class _FakeNeoX:
+    """Stands in for NeoXEngine: writes a NeoX log that loaded `shuffle_file`, logs one loss, saves nothing."""
+
+    name = "neox"
+
+    def __init__(self, shuffle_file: str):
+        self.shuffle_file = shuffle_file
+        self.finished = False
+
+    def command(self, stage_yaml):
+        return "fake neox"
+
+    def train(self, stage_yaml, log_dir, quiet=False, callback=None):
+        from neox_progressive.runner.engines import TrainResult, stage_save_dir
+
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log = log_dir / f"{Path(stage_yaml).stem}.neox.log"
+        log.write_text(f"\n# fake neox\n    train_0:\n > loading shuffle-idx mapping from {self.shuffle_file}\n")
+        if callback is not None:
+            callback({"kind": "train", "iteration": 1, "loss": 5.0})
+        self.finished = True   # the stage would have trained to its end
+        return TrainResult(stage_save_dir(stage_yaml), log=log)
+
+
+def test_a_neox_that_would_shuffle_the_fixed_data_epochs_is_stopped(data, tmp_path):
+    """fixed_data_order: epochs with NeoX: the runner checks in NeoX's log that NeoX loaded the index maps written
+    beside the window dataset, at the first logged loss; a NeoX that loaded other maps is stopped."""
+    from neox_progressive.data.sample_order import neox_index_map_files
+    from neox_progressive.errors import CheckFailed
+    from neox_progressive.runner.family_run import FamilyRun
+
+    fam = write_family(tmp_path / "family.yml", data, tmp_path / "out", **{**FAST, "name": "tiny_fixed", "budget": {
+        "tokens_per_param": 0.5, "fixed_data": True}})   # its own name: its own window datasets beside the shared data
+    family = load_family(fam)
+    run = FamilyRun(family, "progressive", _FakeNeoX("elsewhere_shuffle_idx.npy"), quiet=True)
+    run.prepare()
+    row = run.plan.rows[-1]
+    assert row.sample_order is not None and run.plan.rows[0].sample_order is None
+    order = row.sample_order
+    ours = neox_index_map_files(row.train_data_path, order["num_samples"], order["seq_length"], order["seed"])["shuffle"]
+    assert ours.is_file()
+    inputs = {"config": "x", "init": "scratch"}
+    with pytest.raises(CheckFailed, match="member l: NeoX did not load .*shuffle_idx.npy"):
+        run._train("l", run.stage_yaml("l"), None, inputs)
+    assert not run.engine.finished   # stopped at its first logged loss
+    run.engine = _FakeNeoX(str(ours))
+    assert run._train("l", run.stage_yaml("l"), None, inputs)["checkpoint"]
+    run.engine = _FakeNeoX("elsewhere")   # no epoch order for the first member: not checked
+    run._train("s", run.stage_yaml("s"), None, inputs)

@@ -6,7 +6,10 @@ Each stage file runs alone: `python deepy.py train.py OUT/stage_8B.yml` from a N
 shape, the explicit batch triple (NeoX stops on the wrong GPU count), train_iters and
 lr_decay_iters from the token budget, the max LR, the member's data window, `save`, and for member
 k > 1 of a progressive family `load` = its expanded checkpoint with `finetune: true`. Every file is
-checked against NeoX's own argument names and types (commit ea7aefd8) before anything is written.
+checked against NeoX's own argument names and types (commit ea7aefd8) before anything is written;
+its header says what the paper leaves open (init, min LR, Adam eps, KV heads) and, with
+`budget.keep: updates` or the fixed-data epoch order, what that changes for the stage. The index maps of
+the epoch order are written with the data windows (`prepare-data --family`, `run`), not here.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from neox_progressive.family.spec import MODES
 
 HELP = "write per-stage NeoX configs stage_<name>.yml and family_plan.{json,md,png}"
 EXAMPLES = """
-  neox-progressive generate-configs configs/neox/paper_2x_chinchilla.yml --out configs/neox/paper_2x_chinchilla
+  neox-progressive generate-configs configs/neox/paper_2x_chinchilla.yml --out configs/neox --force   # the shipped default
+  neox-progressive generate-configs configs/neox/paper_chinchilla.yml --out configs/neox/paper_chinchilla
   neox-progressive generate-configs family.yml --out runs/configs/independent --mode independent
   neox-progressive generate-configs family.yml --out cfg --dry-run --format json
 """

@@ -1,6 +1,8 @@
 """Print the token budget of a model family: per member parameters, scratch and planned tokens, FLOPs,
-cumulative FLOPs, train_iters, realized tokens, max LR and data windows; totals and the saving vs
-training every member independently.
+cumulative FLOPs, global batch, train_iters, realized tokens, max LR and data windows; totals and the
+saving vs training every member independently; and the readings of what the paper's text leaves open
+that the family file chose (budget.keep: batch|updates, training.lr by: params|stage,
+budget.fixed_data_order: epochs|shuffled).
 
 Progressive mode uses the paper's Eq. 4 (Yano et al. 2025): member i gets the FLOPs of training it
 from scratch minus what the members before it cost, so the family costs what the largest member
@@ -15,7 +17,7 @@ from __future__ import annotations
 import json
 
 from neox_progressive.family import load_family, plan_family
-from neox_progressive.family.report import plan_json, plan_summary, plan_table
+from neox_progressive.family.report import plan_json, plan_summary, plan_table, readings
 from neox_progressive.family.spec import MODES
 from neox_progressive.family.stages import check_expansions
 
@@ -23,6 +25,7 @@ HELP = "print a family's token budgets, FLOPs, iterations and LRs (paper Eq. 4)"
 EXAMPLES = """
   neox-progressive plan configs/neox/paper_2x_chinchilla.yml
   neox-progressive plan configs/neox/paper_2x_chinchilla.yml --mode independent
+  neox-progressive plan configs/neox/paper_2x_chinchilla_fixed_data_lr_scaled.yml
   neox-progressive plan configs/neox/tiny_family.yml --format json > plan.json
 """
 
@@ -47,4 +50,6 @@ def run(args) -> int:
              else "nominal"))
     print("\n".join(plan_table(plan)))
     print("\n".join(plan_summary(plan)))
+    for line in readings(family, plan):
+        print(f"reading: {line}")
     return 0

@@ -49,7 +49,8 @@ def add_arguments(p) -> None:
     p.add_argument("family", help="the family file (YAML; see the README's 'Family files')")
     p.add_argument("--mode", choices=["progressive", "independent", "both"],
                    help="progressive (Eq. 4 budgets, each member from the expanded previous one), independent (each from "
-                        "scratch at its full budget, the paper's baseline) or both; default: the family file's mode")
+                        "scratch at its full budget, the paper's baseline) or both (the first member, the same model in "
+                        "both, is trained once); default: the family file's mode")
     p.add_argument("--engine", choices=["builtin", "neox"], default="builtin",
                    help="neox: python DIR/deepy.py DIR/train.py stage.yml per stage; builtin: the embedded one-device "
                         "trainer (default)")
@@ -86,12 +87,12 @@ def run(args) -> int:
     from neox_progressive.io.atomic import check_writable_dir, temp_notes
     from neox_progressive.io.lock import OutputLock, describe_holder
     from neox_progressive.runner import evaluate
-    from neox_progressive.runner.family_run import FamilyRun
+    from neox_progressive.runner.family_run import family_runs
 
     overrides = {"output_dir": str(Path(args.output_dir).resolve())} if args.output_dir else None
     family = load_family(args.family, overrides)
     engine = make_engine(args)
-    runs = [FamilyRun(family, mode, engine, quiet=args.quiet, device=args.device) for mode in modes_of(args, family)]
+    runs = family_runs(family, modes_of(args, family), engine, quiet=args.quiet, device=args.device)
     for r in runs:
         r.check_data()  # before anything is written (a dry run refuses the same)
     out = Path(family.output_dir)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from neox_progressive.data.mmap_dataset import DatasetBuilder, MMapDataset, dataset_exists, paths_of
+from neox_progressive.data.sample_order import remove_epoch_order, write_epoch_order
 from neox_progressive.errors import UserError
 
 WINDOW_SUFFIX = ".window.json"
@@ -138,12 +139,14 @@ def _write_record(rec_path: Path, record: dict) -> None:
 
 
 def cut_member_windows(src_prefix: str | Path, members: Iterable[Mapping], *, force: bool = False) -> dict[str, MMapDataset]:
-    """Cut every member's window dataset as `family_plan.json` describes it.
+    """Cut every member's window dataset as `family_plan.json` describes it, and set the order NeoX reads it in.
 
     Args:
         src_prefix: the family's full training dataset.
         members: dicts with `data_windows` ([[start, end], ...]) and `train_data_path` (the output
-            prefix, `<train prefix>.<member name>`), optionally `name`.
+            prefix, `<train prefix>.<member name>`), optionally `name` and `sample_order` (the paper's
+            epoch order of a fixed-data window that wraps: NeoX's index maps are written beside the
+            dataset; without it, maps written before are removed so that NeoX shuffles as usual).
         force: replace outputs cut differently before.
 
     Returns:
@@ -154,6 +157,12 @@ def cut_member_windows(src_prefix: str | Path, members: Iterable[Mapping], *, fo
         missing = [k for k in ("data_windows", "train_data_path") if k not in m]
         if missing:
             raise UserError(f"family plan member {m.get('name', '?')!r} has no {missing}; regenerate the plan")
-        out[str(m.get("name", m["train_data_path"]))] = cut_windows(src_prefix, m["data_windows"], m["train_data_path"],
-                                                                   force=force)
+        ds = cut_windows(src_prefix, m["data_windows"], m["train_data_path"], force=force)
+        order = m.get("sample_order")
+        if order:
+            write_epoch_order(m["train_data_path"], [b - a for a, b in m["data_windows"]], order["seq_length"],
+                              order["num_samples"], order["seed"], allow_chopped=order.get("allow_chopped", True))
+        else:
+            remove_epoch_order(m["train_data_path"])
+        out[str(m.get("name", m["train_data_path"]))] = ds
     return out

@@ -6,18 +6,29 @@ sum uses the budgets D_j, as the paper does (App. B: nominal 1/2/4/8B at 20 toke
 20/30/60/120B tokens and 1280 instead of 1700 units). Budgets are exact fractions.
 
 Each stage trains train_iters = ceil(D_i / (global batch x seq_length)) iterations, so its
-realized tokens are at least the budget and less than one global batch more.
+realized tokens are at least the budget and less than one global batch more. Which of the two
+shrinks for a progressive member (D_i < D_i^scratch) is `budget.keep`, our reading: App. A gives
+every size 40700 updates at a batch that doubles with the size, which fits the scratch budgets
+(40700 x 960 x 1024 = 40B for 1B ... x 7680 = 320B for 8B) and not Eq. 4's. `batch` (default) keeps
+the member's global batch and trains fewer iterations; `updates` keeps its scratch iteration count
+(ceil(D_i^scratch / (batch x seq))) and shrinks the global batch to the smallest multiple of the
+data-parallel size that reaches D_i in that many updates (micro batch: the largest divisor of
+batch / dp up to training.micro_batch), then trains ceil(D_i / (batch x seq)) <= those iterations.
 
-Size-scaled max LR (Section 4.4): linear in the parameter count between the smallest member's and
-the largest member's value.
+Size-scaled max LR (Section 4.4): from the smallest member's value to the largest member's, linear
+in the parameter count (`by: params`) or in the member's index (`by: stage`); both are readings of
+"linearly decreasing ... in accordance with the increase in model size".
 
 Data windows (see neox_progressive/data/windows.py): member k reads the window of the family's token
 stream that follows the windows of members < k; each window is `neox_window_tokens(train_iters,
 global_batch, seq_length)` long (NeoX asks for 0.5% more samples than it trains on), so the stream
 advances by that length. With `fixed_data` the stream is capped at the largest member's scratch
-tokens and a window that crosses the cap wraps to its start. Independent mode: every member starts
-at 0 and reads its own dataset `<train prefix>.<family>.independent.<member>` (progressive:
-`<train prefix>.<family>.<member>`).
+tokens and a window that crosses the cap wraps to its start; `fixed_data_order: epochs` (the
+paper's Fig. 3) makes such a member read the rest of the first epoch before the second (see
+neox_progressive/data/sample_order.py), `shuffled` leaves NeoX's order. Independent mode: every
+member starts at 0 and reads `<train prefix>.<family>.independent.<member>` (progressive:
+`<train prefix>.<family>.<member>`), except the first member, whose window and budget are the same
+in both modes: both read the progressive dataset (`run --mode both` trains it once).
 """
 
 from __future__ import annotations
@@ -73,17 +84,21 @@ def token_budgets(family: Family, mode: str) -> list[Fraction]:
 
 
 def max_lrs(family: Family) -> list[float]:
-    """Each member's max LR: fixed, per member, or linear in params from smallest to largest (Section 4.4)."""
+    """Each member's max LR: fixed, per member, or size-scaled from smallest to largest (Section 4.4), linear in
+    the parameter count (`by: params`) or in the member's index (`by: stage`)."""
     lr = family.training.lr
     if lr.rule == "fixed":
         return [lr.max] * len(family.members)
     if lr.rule == "per_member":
         return [m.max_lr for m in family.members]
-    params = [member_params(family, m) for m in family.members]
-    if len(params) == 1:
+    if len(family.members) == 1:
         return [lr.smallest]
-    lo, hi = params[0], params[-1]
-    return [_round(lr.smallest + (n - lo) / (hi - lo) * (lr.largest - lr.smallest)) for n in params]
+    if lr.by == "stage":
+        xs = [float(i) for i in range(len(family.members))]
+    else:
+        xs = [member_params(family, m) for m in family.members]
+    lo, hi = xs[0], xs[-1]
+    return [_round(lr.smallest + (x - lo) / (hi - lo) * (lr.largest - lr.smallest)) for x in xs]
 
 
 def _round(x: float) -> float:
@@ -105,9 +120,12 @@ class PlanRow:
     """6 N D_i (budget)."""
     cumulative_flops: float
     train_iters: int
+    scratch_iters: int
+    """Iterations of the member's scratch budget at its configured global batch (App. A's "number of updates")."""
     realized_tokens: int
     realized_flops: float
     global_batch: int
+    """The stage's global batch: the member's, or smaller with `budget.keep: updates`."""
     micro_batch: int
     gradient_accumulation_steps: int
     num_gpus: int
@@ -117,6 +135,9 @@ class PlanRow:
     data_windows: list[list[int]]
     train_data_path: str
     window_tokens: int
+    sample_order: dict | None = None
+    """How NeoX must read the window dataset when it is not NeoX's own shuffle: {order: epochs, num_samples,
+    seq_length, seed, allow_chopped, segments} (see neox_progressive.data.sample_order); None otherwise."""
 
 
 @dataclass
@@ -126,6 +147,10 @@ class Plan:
     seq_length: int
     params_rule: str
     fixed_data_cap: int | None
+    keep: str = "batch"
+    """budget.keep: what a progressive member keeps from its scratch run, its `batch` or its `updates`."""
+    fixed_data_order: str | None = None
+    """budget.fixed_data_order with a fixed-data cap (epochs | shuffled), else None."""
     rows: list[PlanRow] = field(default_factory=list)
     total_flops: float = 0.0
     independent_flops: float = 0.0
@@ -145,21 +170,44 @@ class Plan:
         return asdict(self)
 
 
-def batch_triple(family: Family, member: Member) -> tuple[int, int, int]:
-    """(micro batch per GPU, gradient accumulation steps, GPUs) with global = micro x GAS x dp."""
+def _dp(family: Family, member: Member) -> tuple[int, int]:
+    """(GPUs, data-parallel size) of the member's stage."""
     gpus = member.num_gpus or family.training.num_gpus
-    micro = member.micro_batch or family.training.micro_batch
     shape = member.shape()
     model_par = max(shape.pp, 1) * shape.tp
     if gpus % model_par:
         raise UserError(f"{family.path}: member {member.name}: {gpus} GPUs are not divisible by pipe x model parallel "
                         f"= {model_par}; choose num_gpus as a multiple of {model_par}")
-    dp = gpus // model_par
+    return gpus, gpus // model_par
+
+
+def batch_triple(family: Family, member: Member, global_batch: int | None = None) -> tuple[int, int, int]:
+    """(micro batch per GPU, gradient accumulation steps, GPUs) with global = micro x GAS x dp.
+
+    `global_batch` other than the member's (`budget.keep: updates`) takes the largest micro batch up to the
+    configured one that divides global / dp."""
+    gpus, dp = _dp(family, member)
+    micro = member.micro_batch or family.training.micro_batch
+    if global_batch is not None and global_batch != member.global_batch:
+        per_gpu = global_batch // dp
+        micro = max(d for d in range(1, min(micro, per_gpu) + 1) if per_gpu % d == 0)
+        return micro, per_gpu // micro, gpus
     if member.global_batch % (micro * dp):
         raise UserError(
             f"{family.path}: member {member.name}: global_batch {member.global_batch} is not micro_batch {micro} x "
             f"data-parallel {dp} x an integer; NeoX needs train_batch = micro x GAS x dp: change micro_batch or num_gpus")
     return micro, member.global_batch // (micro * dp), gpus
+
+
+def stage_batch(family: Family, member: Member, tokens: int, scratch_tokens: int) -> int:
+    """The stage's global batch: the member's, or with `budget.keep: updates` and fewer tokens than its scratch
+    budget, the smallest multiple of the data-parallel size that trains `tokens` in the scratch iteration count."""
+    seq = family.model.seq_length
+    if family.budget.keep == "batch" or tokens >= scratch_tokens:
+        return member.global_batch
+    updates = math.ceil(scratch_tokens / (member.global_batch * seq))
+    _, dp = _dp(family, member)
+    return min(member.global_batch, math.ceil(tokens / (updates * seq * dp)) * dp)
 
 
 def _windows(starts_at: int, length: int, cap: int | None) -> list[list[int]]:
@@ -174,11 +222,55 @@ def _windows(starts_at: int, length: int, cap: int | None) -> list[list[int]]:
     return out
 
 
-def _train_data_path(family: Family, mode: str, member: Member) -> str:
-    """`<train prefix>.<family>.<member>` (independent: `<train prefix>.<family>.independent.<member>`): families
-    that share a training dataset cut their own windows side by side."""
+def _train_data_path(family: Family, mode: str, member: Member, window: int) -> str:
+    """`<train prefix>.<family>.<member>` (independent: `<train prefix>.<family>.independent.<member>`): families that
+    share a training dataset cut their own windows side by side. The first member's window is the same in both modes
+    (unless a fixed-data cap below it makes the progressive one wrap): then both modes read the progressive dataset."""
     base = f"{family.data.train}.{family.name}"
+    if mode == "independent" and member.name == family.members[0].name:
+        cap = math.ceil(scratch_budgets(family)[-1]) if family.budget.fixed_data else None
+        if _windows(0, window, cap) == [[0, window]]:
+            return f"{base}.{member.name}"
     return f"{base}.{member.name}" if mode == "progressive" else f"{base}.{mode}.{member.name}"
+
+
+def _sample_order(family: Family, windows: list[list[int]], window: int) -> dict | None:
+    """The paper's epoch order for a window that wraps (`fixed_data_order: epochs`), else None (NeoX's shuffle)."""
+    if len(windows) < 2 or family.budget.fixed_data_order != "epochs":
+        return None
+    from neox_progressive.data.sample_order import segment_samples
+
+    seq = family.model.seq_length
+    num_samples = (window - 1) // seq
+    return {"order": "epochs", "num_samples": num_samples, "seq_length": seq, "seed": family.training.seed,
+            "allow_chopped": bool(family.shared.get("allow_chopped", True)),
+            "segments": segment_samples([b - a for a, b in windows], seq, num_samples)}
+
+
+def _row(family: Family, mode: str, member: Member, d_scratch: Fraction, d: Fraction, max_lr: float, start: int,
+         cap: int | None) -> PlanRow:
+    seq, lr = family.model.seq_length, family.training.lr
+    n = member_params(family, member)
+    tokens, scratch_tokens = math.ceil(d), math.ceil(d_scratch)
+    batch = stage_batch(family, member, tokens, scratch_tokens)
+    micro, gas, gpus = batch_triple(family, member, batch)
+    iters = math.ceil(tokens / (batch * seq))
+    window = neox_window_tokens(iters, batch, seq)
+    warmup_iters = lr.warmup * iters
+    if 0 < warmup_iters < 1:
+        raise UserError(
+            f"{family.path}: training.lr.warmup {lr.warmup} x {iters} iterations of member {member.name} = "
+            f"{warmup_iters:.3g} warmup iterations (< 1): NeoX then starts at lr / {warmup_iters:.3g}, above the "
+            f"max LR; use warmup >= {1 / iters:.3g} or 0")
+    windows = _windows(start, window, cap)
+    return PlanRow(
+        name=member.name, params=n, shape_params=member.shape().param_count(), scratch_tokens=scratch_tokens,
+        tokens=tokens, flops=6 * n * float(d), cumulative_flops=0.0, train_iters=iters,
+        scratch_iters=math.ceil(scratch_tokens / (member.global_batch * seq)), realized_tokens=iters * batch * seq,
+        realized_flops=6 * n * iters * batch * seq, global_batch=batch, micro_batch=micro, gradient_accumulation_steps=gas,
+        num_gpus=gpus, max_lr=max_lr, min_lr=lr.min if lr.min is not None else _round(max_lr * lr.min_ratio),
+        warmup_iters=warmup_iters, data_windows=windows, train_data_path=_train_data_path(family, mode, member, window),
+        window_tokens=window, sample_order=_sample_order(family, windows, window))
 
 
 def plan_family(family: Family, mode: str | None = None) -> Plan:
@@ -186,39 +278,18 @@ def plan_family(family: Family, mode: str | None = None) -> Plan:
     mode = mode or family.mode
     if mode not in MODES:
         raise UserError(f"mode {mode!r} is not one of {list(MODES)}")
-    seq = family.model.seq_length
     scratch, budgets, lrs = scratch_budgets(family), token_budgets(family, mode), max_lrs(family)
     cap = math.ceil(scratch[-1]) if family.budget.fixed_data and mode == "progressive" else None
-    plan = Plan(family=family.name, mode=mode, seq_length=seq, params_rule=family.budget.params, fixed_data_cap=cap)
+    plan = Plan(family=family.name, mode=mode, seq_length=family.model.seq_length, params_rule=family.budget.params,
+                fixed_data_cap=cap, keep=family.budget.keep,
+                fixed_data_order=family.budget.fixed_data_order if cap is not None else None)
     cumulative, stream = 0.0, 0
     for member, d_scratch, d, max_lr in zip(family.members, scratch, budgets, lrs):
-        n = member_params(family, member)
-        micro, gas, gpus = batch_triple(family, member)
-        tokens = math.ceil(d)
-        iters = math.ceil(tokens / (member.global_batch * seq))
-        realized = iters * member.global_batch * seq
-        window = neox_window_tokens(iters, member.global_batch, seq)
-        start = stream if mode == "progressive" else 0
-        lr = family.training.lr
-        warmup_iters = lr.warmup * iters
-        if 0 < warmup_iters < 1:
-            raise UserError(
-                f"{family.path}: training.lr.warmup {lr.warmup} x {iters} iterations of member {member.name} = "
-                f"{warmup_iters:.3g} warmup iterations (< 1): NeoX then starts at lr / {warmup_iters:.3g}, above the "
-                f"max LR; use warmup >= {1 / iters:.3g} or 0")
-        cumulative += 6 * n * float(d)
-        plan.rows.append(PlanRow(
-            name=member.name, params=n, shape_params=member.shape().param_count(), scratch_tokens=math.ceil(d_scratch),
-            tokens=tokens, flops=6 * n * float(d), cumulative_flops=cumulative, train_iters=iters,
-            realized_tokens=realized, realized_flops=6 * n * realized, global_batch=member.global_batch,
-            micro_batch=micro, gradient_accumulation_steps=gas, num_gpus=gpus, max_lr=max_lr,
-            min_lr=lr.min if lr.min is not None else _round(max_lr * lr.min_ratio), warmup_iters=warmup_iters,
-            data_windows=_windows(start, window, cap), train_data_path=_train_data_path(family, mode, member),
-            window_tokens=window))
-        if mode == "progressive":
-            stream += window
-        else:
-            stream = max(stream, window)
+        row = _row(family, mode, member, d_scratch, d, max_lr, stream if mode == "progressive" else 0, cap)
+        cumulative += row.flops
+        row.cumulative_flops = cumulative
+        plan.rows.append(row)
+        stream = stream + row.window_tokens if mode == "progressive" else max(stream, row.window_tokens)
     params = [member_params(family, m) for m in family.members]
     plan.total_flops = cumulative
     plan.realized_flops = sum(r.realized_flops for r in plan.rows)

@@ -14,8 +14,11 @@ from neox_progressive.config import ACTIVATIONS, GELU_APPROX, NORMS, POS_EMBS, r
 from neox_progressive.errors import UserError
 from neox_progressive.family.fields import Section
 from neox_progressive.family.spec import (
+    BUDGET_KEEP,
     EXPANSION_CHOICES,
+    FIXED_DATA_ORDERS,
     LR_RULES,
+    LR_SCALE_BY,
     MODES,
     PATH_KEYS,
     Budget,
@@ -107,8 +110,11 @@ def _member(s: Section, model: ModelDefaults) -> Member:
 def _budget(s: Section, members: list[Member]) -> Budget:
     b = Budget(tokens_per_param=s.get("tokens_per_param", float, None, positive=True),
                params=s.get("params", str, "computed", choices=("computed", "nominal")),
-               fixed_data=s.get("fixed_data", bool, False))
+               fixed_data=s.get("fixed_data", bool, False), keep=s.get("keep", str, "batch", choices=BUDGET_KEEP),
+               fixed_data_order=s.get("fixed_data_order", str, "epochs", choices=FIXED_DATA_ORDERS))
     s.done()
+    if s.has("fixed_data_order") and not b.fixed_data:
+        raise s.fail("fixed_data_order", "only applies with fixed_data: true (the order of a window that wraps); remove it")
     explicit = [m.name for m in members if m.scratch_tokens is not None]
     if b.tokens_per_param is None and len(explicit) != len(members):
         missing = [m.name for m in members if m.scratch_tokens is None]
@@ -124,7 +130,8 @@ def _budget(s: Section, members: list[Member]) -> Budget:
 
 
 def _lr(s: Section, members: list[Member]) -> LRSpec:
-    lr = LRSpec(rule=s.get("rule", str, "fixed", choices=LR_RULES), max=s.get("max", float, None, positive=True),
+    lr = LRSpec(rule=s.get("rule", str, "fixed", choices=LR_RULES), by=s.get("by", str, "params", choices=LR_SCALE_BY),
+                max=s.get("max", float, None, positive=True),
                 smallest=s.get("smallest", float, None, positive=True), largest=s.get("largest", float, None, positive=True),
                 min_ratio=s.get("min_ratio", float, None), min=s.get("min", float, None),
                 warmup=s.get("warmup", float, 0.01), decay_style=s.get("decay_style", str, "cosine",
@@ -134,6 +141,8 @@ def _lr(s: Section, members: list[Member]) -> LRSpec:
     for key in need:
         if getattr(lr, key) is None:
             raise s.fail(key, f"missing; lr rule {lr.rule!r} needs {need} (e.g. {key}: 3.0e-4)")
+    if s.has("by") and lr.rule != "size_scaled":
+        raise s.fail("by", "only applies to rule size_scaled (how the max LR scales between members); remove it")
     unused = [k for k in ("max", "smallest", "largest") if k not in need and getattr(lr, k) is not None]
     if unused:
         raise s.fail(unused[0], f"is not used by lr rule {lr.rule!r} (it uses {need or 'each member max_lr'}); remove it")

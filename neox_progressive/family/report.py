@@ -26,7 +26,8 @@ def plan_json(family: Family, plan: Plan) -> dict:
            "valid_data": family.data.valid, "stream_tokens": plan.stream_tokens,
            "total_flops": plan.total_flops, "independent_flops": plan.independent_flops,
            "largest_scratch_flops": plan.largest_scratch_flops, "saving": plan.saving,
-           "realized_flops": plan.realized_flops,
+           "realized_flops": plan.realized_flops, "budget_keep": plan.keep, "fixed_data_order": plan.fixed_data_order,
+           "lr_rule": _lr_rule(family), "readings": readings(family, plan),
            "expansion": family.expansion, "eval": family.eval, "members": []}
     for row in plan.rows:
         dirs = member_dirs(family, plan.mode, row.name)
@@ -37,16 +38,47 @@ def plan_json(family: Family, plan: Plan) -> dict:
     return out
 
 
+def _lr_rule(family: Family) -> str:
+    lr = family.training.lr
+    return f"size_scaled by {lr.by}" if lr.rule == "size_scaled" else lr.rule
+
+
+def readings(family: Family, plan: Plan) -> list[str]:
+    """The choices the paper's text leaves open that this plan makes, one sentence each ("our reading")."""
+    out = []
+    if plan.mode == "progressive":
+        out.append(
+            f"budget.keep: {plan.keep} (our reading). App. A gives every size 40700 updates at a batch that doubles with "
+            "the size, which fits the scratch budgets only; "
+            + ("each progressive member keeps its global batch and trains fewer iterations (keep: updates would keep the "
+               "scratch iteration count and shrink the batch)." if plan.keep == "batch" else
+               "each progressive member keeps its scratch iteration count and trains a smaller global batch (keep: "
+               "batch would keep the batch and train fewer iterations)."))
+    if family.training.lr.rule == "size_scaled":
+        other = "stage" if family.training.lr.by == "params" else "params"
+        out.append(f"training.lr: size_scaled by {family.training.lr.by} (our reading of Section 4.4's \"linearly "
+                   f"decreasing ... in accordance with the increase in model size\"; by: {other} is the other reading).")
+    if plan.fixed_data_cap is not None:
+        out.append(
+            f"budget.fixed_data_order: {plan.fixed_data_order}. "
+            + ("A window that wraps is read as the paper's Fig. 3 shows: the rest of the first epoch, then the second "
+               "epoch (NeoX index maps written beside the window dataset)." if plan.fixed_data_order == "epochs" else
+               "NeoX shuffles all samples of a window that wraps together: the repeated tokens are spread through the "
+               "stage, not a trailing second epoch as in the paper's Fig. 3."))
+    return out
+
+
 def plan_table(plan: Plan) -> list[str]:
     """Markdown table lines, one row per member, and a totals row."""
-    lines = ["| member | params | scratch tokens | tokens | FLOPs | cumulative FLOPs | train_iters | realized tokens | "
-             "max LR | data windows |", "|" + "---|" * 10]
+    lines = ["| member | params | scratch tokens | tokens | FLOPs | cumulative FLOPs | batch | train_iters | "
+             "realized tokens | max LR | data windows |", "|" + "---|" * 11]
     for r in plan.rows:
         wins = ", ".join(f"[{_si(a)}, {_si(b)})" for a, b in r.data_windows)
         lines.append(f"| {r.name} | {_si(r.params)} | {_si(r.scratch_tokens)} | {_si(r.tokens)} | {r.flops:.4g} | "
-                     f"{r.cumulative_flops:.4g} | {r.train_iters} | {_si(r.realized_tokens)} | {r.max_lr:.3g} | {wins} |")
+                     f"{r.cumulative_flops:.4g} | {r.global_batch} | {r.train_iters} | {_si(r.realized_tokens)} | "
+                     f"{r.max_lr:.3g} | {wins} |")
     total_tokens = sum(r.tokens for r in plan.rows)
-    lines.append(f"| total | | | {_si(total_tokens)} | {plan.total_flops:.4g} | | "
+    lines.append(f"| total | | | {_si(total_tokens)} | {plan.total_flops:.4g} | | | "
                  f"{sum(r.train_iters for r in plan.rows)} | {_si(sum(r.realized_tokens for r in plan.rows))} | | |")
     return lines
 
@@ -68,6 +100,8 @@ def plan_markdown(family: Family, plan: Plan, independent: Plan) -> str:
              + ("computed from the shapes, embedding and untied output head included." if plan.params_rule == "computed"
                 else "nominal sizes given in the family file.")
              + f" Sequence length {plan.seq_length}; FLOPs = 6 N D.", "", *plan_table(plan), "", *plan_summary(plan)]
+    if readings(family, plan):
+        lines += ["", "Readings the paper's text leaves open:", "", *(f"- {x}" for x in readings(family, plan))]
     if plan is not independent:
         lines += ["", "## Independent (every member from scratch), for comparison", "", *plan_table(independent)]
     return "\n".join(lines) + "\n"

@@ -8,8 +8,8 @@ Format (every block is documented in configs/neox/README.md; unknown keys are er
     model: {vocab_size: 50257, seq_length: 1024, mlp_multiple_of: 64, ...}   # shared shape keys
     members:                         # increasing size
       - {name: 1B, hidden_size: 2048, ffn_size: 7168, num_layers: 18, num_heads: 16, global_batch: 960}
-    budget: {tokens_per_param: 40, params: computed, fixed_data: false}
-    training: {num_gpus: 64, micro_batch: 5, precision: bfloat16, lr: {rule: fixed, max: 3.0e-4}}
+    budget: {tokens_per_param: 40, params: computed, keep: batch, fixed_data: false}   # + fixed_data_order
+    training: {num_gpus: 64, micro_batch: 5, precision: bfloat16, lr: {rule: fixed, max: 3.0e-4}}   # size_scaled: by
     data: {train: /data/train_text_document, valid: /data/valid_text_document}
     expansion: {method: aki, ...}    # passed on to the expansion step
     eval: {tasks: [...], ...}        # passed on to the eval step
@@ -33,6 +33,9 @@ from neox_progressive.errors import UserError
 
 MODES = ("progressive", "independent")
 LR_RULES = ("fixed", "per_member", "size_scaled")
+LR_SCALE_BY = ("params", "stage")
+BUDGET_KEEP = ("batch", "updates")
+FIXED_DATA_ORDERS = ("epochs", "shuffled")
 EXPANSION_CHOICES = {
     "method": ("aki", "fpi"), "depth_rule": ("b2b", "interp", "cyclic"), "new_layer_init": ("copy", "zero_out"),
     "rms_comp": ("none", "exact"), "map_sampling": ("uniform", "balanced"),
@@ -124,12 +127,24 @@ class Budget:
     """computed: from the shapes (embedding and untied head included); nominal: each member's nominal_params."""
     fixed_data: bool = False
     """Paper Section 4.3 "+Fixed Data": unique tokens capped at the largest member's scratch budget."""
+    keep: str = "batch"
+    """How a progressive member trains fewer tokens than from scratch (our reading; App. A gives every size 40700
+    updates at its batch, which fits the scratch budgets only): `batch` keeps the member's global batch and trains
+    fewer iterations; `updates` keeps the member's scratch iteration count and shrinks its global batch."""
+    fixed_data_order: str = "epochs"
+    """With `fixed_data`, the order in which a member whose window wraps reads its tokens: `epochs` (the paper's
+    Fig. 3: the rest of the first epoch, then the second epoch; each part shuffled within itself) or `shuffled`
+    (NeoX's default: all of the member's samples shuffled together, so the repeated tokens spread through the stage)."""
 
 
 @dataclass(frozen=True)
 class LRSpec:
     rule: str = "fixed"
-    """fixed (`max` for all) | per_member (each member's max_lr) | size_scaled (linear in params, paper 4.4)."""
+    """fixed (`max` for all) | per_member (each member's max_lr) | size_scaled (paper 4.4: from `smallest` for the
+    first member to `largest` for the last, linear in `by`)."""
+    by: str = "params"
+    """size_scaled only, our reading of "linearly decreasing ... in accordance with the increase in model size":
+    `params` (linear in the members' parameter counts) or `stage` (linear in the member's index)."""
     max: float | None = None
     smallest: float | None = None
     largest: float | None = None

@@ -11,6 +11,14 @@ data window, and then for every member in order:
    read as the engine logs them: a stage that starts like a random initialization is stopped at
    once (see `neox_progressive.train.start_check`).
 
+`--mode both` (`family_runs`): the first member is the same model in both families (Eq. 4 gives it
+its scratch budget; the same window of the same dataset, schedule and seed; `same_first_member`
+checks the two stage configs), so the independent run does not train it again: its step records the
+progressive checkpoint (`reused_from: progressive`, with that checkpoint's digest as input, so a
+retrained progressive member is taken again). With the fixed-data epoch order and NeoX, the stage
+is stopped at its first logged loss unless NeoX's log shows it loaded the index maps written beside
+the window (see neox_progressive.data.sample_order).
+
 Then `eval` scores every trained member (perplexity, adjacent-pair KL, speculative decoding, the
 family file's lm-eval tasks) into `<output_dir>/report/`.
 
@@ -70,7 +78,11 @@ def _log(msg: str, quiet: bool = False) -> None:
 class FamilyRun:
     """Plans and runs the steps of one family in one mode (see the module docstring)."""
 
-    def __init__(self, family, mode: str, engine: Engine, *, quiet: bool = False, device: str | None = None):
+    def __init__(self, family, mode: str, engine: Engine, *, quiet: bool = False, device: str | None = None,
+                 reuse_first: FamilyRun | None = None):
+        """`reuse_first`: the progressive run of the same family (run --mode both). The first member is then the same
+        model in both families (same budget, data window and schedule; checked on the stage configs), so this
+        independent run takes its checkpoint instead of training it again."""
         if mode not in MODES:
             raise UserError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
         from neox_progressive.family import plan_family
@@ -83,6 +95,7 @@ class FamilyRun:
         self.results: dict[str, dict[str, Any]] = {}
         self._planned: dict[Path, str] | None = None
         """The stage YAML texts a dry run would write: its digests are of these, as the run's will be."""
+        self.reuse = reuse_first if mode == "independent" and reuse_first and same_first_member(family) else None
         if mode == "progressive":  # every expansion planned from the shapes, before the first member trains
             from neox_progressive.family.stages import check_expansions
 
@@ -95,7 +108,13 @@ class FamilyRun:
         return member_dirs(self.family, self.mode, member)
 
     def stage_yaml(self, member: str) -> Path:
+        """The member's stage config (a reused first member: the progressive one it was trained with)."""
+        if self.reused(member):
+            return self.reuse.stage_yaml(member)
         return stage_yaml_of(self.family, self.mode, member)
+
+    def reused(self, member: str) -> bool:
+        return self.reuse is not None and member == self.names[0]
 
     @property
     def names(self) -> list[str]:
@@ -140,7 +159,29 @@ class FamilyRun:
             prev = names[k - 1] if k else None
             if self.mode == "progressive" and prev is not None:
                 yield self._expand_step(prev, name)
-            yield self._train_step(name, expanded=self.mode == "progressive" and prev is not None)
+            if self.reused(name):
+                yield self._reuse_step(name)
+            else:
+                yield self._train_step(name, expanded=self.mode == "progressive" and prev is not None)
+
+    def _reuse_step(self, name: str) -> Step:
+        """The independent family's first member is the progressive one's: record its checkpoint, train nothing."""
+        src, yml = self.reuse, self.reuse.stage_yaml(name)
+
+        def inputs() -> dict[str, Any]:
+            return {"reuse": "progressive", "config": digest(yml), "checkpoint": digest(stage_save_dir(yml))
+                    if yml.exists() else None}
+
+        def action(_inputs: dict[str, Any]) -> dict[str, Any]:
+            info = src.results.get(f"{name}/train") or src.state.info(f"{name}/train")
+            if not info.get("checkpoint"):
+                raise UserError(f"the progressive family's {name} is not trained yet, so the independent family cannot "
+                                "reuse it; run with --mode both (progressive first)")
+            keep = {k: v for k, v in info.items() if k not in ("inputs", "seconds", "start_check", "expanded_loss")}
+            return {**keep, "reused_from": "progressive"}
+
+        return Step(f"{name}/train", f"reuse progressive {name} (the same model: same budget, data and schedule; trained "
+                    "once)", inputs, action, [stage_save_dir(yml)] if yml.exists() else [], "")
 
     def _expand_step(self, prev: str, name: str) -> Step:
         from neox_progressive.expand import ExpandOptions, expand_checkpoint
@@ -191,12 +232,40 @@ class FamilyRun:
         if expanded_dir is not None:
             check = self._start_check(name, yml, expanded_dir)
             info["expanded_loss"] = check.expanded
+        guard = self._order_guard(name, yml)
+        seen: list[dict] = []
+
+        def callback(record: dict) -> None:
+            if guard is not None and not seen:
+                guard()  # NeoX has built its datasets by its first logged loss
+            seen.append(record)
+            if check is not None:
+                check.callback(record)
+
         result: TrainResult = self.engine.train(yml, self.root / "logs", quiet=self.quiet,
-                                                callback=check.callback if check else None)
+                                                callback=callback if check or guard else None)
+        if guard is not None and result.log is not None and seen:
+            guard()
         if check is not None:
             info["start_check"] = check.finish(result)
         info.update(self._summary(name, result))
         return info
+
+    def _order_guard(self, name: str, yml: Path) -> Callable[[], None] | None:
+        """With the fixed-data epoch order and NeoX: a check that NeoX read the window through our index maps."""
+        row = self.plan.row(name)
+        if not row.sample_order or self.engine.name != "neox":
+            return None
+        from neox_progressive.data.sample_order import neox_order_problem
+
+        log = self.root / "logs" / f"{yml.stem}.neox.log"  # NeoXEngine's log of the stage
+
+        def guard() -> None:
+            problem = neox_order_problem(log.read_text() if log.is_file() else "", row.train_data_path, row.sample_order)
+            if problem:
+                raise CheckFailed(f"member {name}: {problem}")
+
+        return guard
 
     def _start_check(self, name: str, yml: Path, expanded_dir: Path) -> _LiveStartCheck:
         from neox_progressive.train import expanded_loss, read_settings
@@ -266,6 +335,28 @@ class FamilyRun:
             if step.command:
                 lines.append(f"    $ {step.command}")
         return lines
+
+
+def same_first_member(family) -> bool:
+    """Whether the first member's progressive and independent stages train the same model: their stage configs are
+    equal but for where they save and how W&B names them (budget, batch, schedule, data window, seed)."""
+    from neox_progressive.family import plan_family
+    from neox_progressive.family.stages import stage_config
+
+    name = family.members[0].name
+    names = ("save", "wandb_run_name", "wandb_group")
+    cfgs = [{k: v for k, v in stage_config(family, plan_family(family, mode), name).items() if k not in names}
+            for mode in MODES]
+    return cfgs[0] == cfgs[1]
+
+
+def family_runs(family, modes: list[str], engine: Engine, *, quiet: bool = False, device: str | None = None) -> list[FamilyRun]:
+    """The runs of `modes` in order; with both modes, the independent run reuses the progressive first member."""
+    runs: list[FamilyRun] = []
+    for mode in modes:
+        prog = next((r for r in runs if r.mode == "progressive"), None)
+        runs.append(FamilyRun(family, mode, engine, quiet=quiet, device=device, reuse_first=prog))
+    return runs
 
 
 class _LiveStartCheck:

@@ -71,7 +71,8 @@ def members_table(results: dict[str, dict[str, dict[str, Any]]], members: list[s
                 continue
             flops = float(info.get("flops") or 0.0)
             cum += flops
-            lines.append(f"| {mode} | {name} | {_num(info.get('tokens'))} | {_num(flops)} | {_num(cum)} | "
+            shown = f"{name} (= {info['reused_from']} {name})" if info.get("reused_from") else name
+            lines.append(f"| {mode} | {shown} | {_num(info.get('tokens'))} | {_num(flops)} | {_num(cum)} | "
                          f"{_loss(info.get('start_valid_loss'))} | {_loss(info.get('final_valid_loss'))} |")
     return "\n".join(lines)
 
@@ -95,6 +96,12 @@ def summarize(runs: list, png: Path) -> tuple[dict[str, dict[str, dict[str, Any]
 def summary_text(results: dict, names: list[str], plot: Path | None, report: Path | None) -> str:
     """The members table and where the plot and the evaluation report are."""
     lines = [members_table(results, names)]
+    for mode, steps in results.items():
+        for name in names:
+            src = (steps.get(f"{name}/train") or {}).get("reused_from")
+            if src:
+                lines.append(f"\n{mode} {name} is the {src} family's {name}, trained once: the same model in both families "
+                             "(same budget, data window and schedule; run --mode both checks the two stage configs).")
     if plot:
         lines.append(f"\nvalidation loss vs cumulative FLOPs: {plot}")
     if report:

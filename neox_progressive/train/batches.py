@@ -8,7 +8,9 @@ What differs from NeoX (whose exact order depends on its C++ index builder): Neo
 documents of each epoch and then the samples; here the document order is kept and only the
 samples of each epoch are shuffled, with NumPy's PCG64 seeded by (seed, epoch). Sample j of the
 run is epoch j // n, position j % n of that epoch's permutation, so the data position after any
-iteration is just the number of samples consumed, and resuming is exact. Validation samples are
+iteration is just the number of samples consumed, and resuming is exact. A fixed-data window dataset in
+the paper's epoch order (neox_progressive.data.sample_order) is shuffled within each of its segments,
+segment after segment, as NeoX reads it then. Validation samples are
 taken in order, without shuffling, from the start of the validation dataset, so every evaluation
 (and every stage of a family) scores the same tokens.
 
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from neox_progressive.data.mmap_dataset import MMapDataset
+from neox_progressive.data.sample_order import order_segments
 from neox_progressive.errors import UserError
 
 
@@ -65,14 +68,19 @@ class SampleSource:
                 f"one sample of seq_length + 1 = {seq_length + 1}; prepare more data or lower seq_length"
             )
         self._perm: tuple[int, np.ndarray] | None = None
+        whole = first_item == 0 and end_item in (None, len(dataset))
+        self.segments = order_segments(dataset.prefix, seq_length, self.samples_per_epoch) if whole else None
 
     def _order(self, epoch: int) -> np.ndarray:
         if self._perm is None or self._perm[0] != epoch:
             rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
             dtype = np.int32 if self.samples_per_epoch < 2**31 else np.int64
-            order = np.arange(self.samples_per_epoch, dtype=dtype)
-            rng.shuffle(order)
-            self._perm = (epoch, order)
+            parts = []
+            for a, b in self.segments or [[0, self.samples_per_epoch]]:
+                part = np.arange(a, b, dtype=dtype)
+                rng.shuffle(part)
+                parts.append(part)
+            self._perm = (epoch, np.concatenate(parts))
         return self._perm[1]
 
     def sample_index(self, j: int) -> int:
