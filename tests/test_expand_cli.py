@@ -48,7 +48,6 @@ def test_dry_run_of_the_paper_family(tmp_path, capsys):
     vocab.write_text(json.dumps({f"t{i}": i for i in range(GPT2_VOCAB)}))
     names = list(FAMILY)
     tracemalloc.start()
-    t0 = time.perf_counter()
     for a, b in zip(names, names[1:]):
         argv = ["expand", "--src", str(tmp_path / f"{a}_ckpt"), "--src-config", str(family_yaml(tmp_path, a, vocab)),
                 "--dst-config", str(family_yaml(tmp_path, b, vocab)), "--out", str(tmp_path / f"{b}_expanded"),
@@ -64,10 +63,8 @@ def test_dry_run_of_the_paper_family(tmp_path, capsys):
         assert plan["target_bytes"] == 2 * params(h, f, layers)  # bf16
         assert plan["largest_layer_file_bytes"] == 2 * (4 * h * h + 3 * h * f + 2 * h)
         assert len(plan["depth_order"]) == layers
-    elapsed = time.perf_counter() - t0
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert elapsed < 10, elapsed
     assert peak < 200 * 2**20, peak  # no weights (the 8B target alone is 16 GB)
     assert not any(p.name.endswith("_expanded") for p in tmp_path.iterdir())
 
