@@ -110,6 +110,12 @@ def test_a_stand_in_is_never_called(tmp_path, path_kind):
     assert not marker.exists()
 
 
+def test_a_torchscript_archive_is_refused(tmp_path, path_kind):
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(tmp_path / "m.pt"))
+    with pytest.raises(UserError, match="TorchScript archive"):
+        safe.load_pt(tmp_path / "m.pt")
+
+
 def test_bytes_decoding_is_latin1_only(tmp_path, monkeypatch):
     """Protocol 2 pickles bytes as `_codecs.encode(text, 'latin1')`; the restricted unpickler looks up no other codec."""
     import codecs

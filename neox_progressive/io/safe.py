@@ -70,11 +70,18 @@ def _opaque_for(name: str):
 def _check_file(path: Path) -> None:
     if not path.is_file():
         raise UserError(f"checkpoint file {str(path)!r} is missing")
-    if path.stat().st_size == 0 or not zipfile.is_zipfile(path):
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        names = None
+    if path.stat().st_size == 0 or names is None:
         raise UserError(
             f"{path} is truncated or not a torch checkpoint (expected torch.save's zip format); "
             "the copy may be incomplete: copy it again or re-save it"
         )
+    if any(n.split("/")[-1] == "constants.pkl" for n in names):  # torch.load would hand it to torch.jit.load
+        raise UserError(f"{path} is a TorchScript archive, not a checkpoint; refusing to load it")
 
 
 def use_torch_scan() -> bool:
