@@ -6,7 +6,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-import pytest
 import torch
 from tiny import random_sd, tiny_shape, write_yaml
 
@@ -23,6 +22,8 @@ def require_lm_eval():
 
     Not `pytest.importorskip("lm_eval")`: a bare import fails offline under 0.4.1 and would skip (or break)
     what the plugin's own import path must handle."""
+    import pytest  # not at the top: NeoX's virtualenv imports this module without pytest
+
     if importlib.util.find_spec("lm_eval") is None:
         pytest.skip("needs lm-eval (pip install -e '.[eval]')")
     from neox_progressive.eval.harness import import_lm_eval
