@@ -11,7 +11,7 @@ VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "neox_progressive" / "__
 # Ranges admit what GPT-NeoX environments pin (numpy<2, transformers 4.38, lm_eval 0.4.1)
 # as well as current releases. torch is installed first by the README (torch==2.13.0 on CPU);
 # a range it satisfies makes pip install nothing more.
-CORE = ["torch>=2.5",  # io/safe.py: torch.serialization.get_unsafe_globals_in_checkpoint (2.5)
+CORE = ["torch>=2.3.0a0",  # admits the pre-release builds of NeoX's containers (nvcr 24.02: 2.3.0a0; 25.04: 2.7.0a0)
         "numpy>=1.24", "pyyaml>=6.0", "tqdm>=4.60", "safetensors>=0.4"]
 EXTRAS = {
     "eval": ["lm-eval>=0.4.1,<0.5", "transformers>=4.38", "sentencepiece>=0.1.99", "tokenizers>=0.15"],

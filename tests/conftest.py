@@ -1,7 +1,11 @@
 import os
 
-import pytest
-import torch
+# Tests never download (an offline cluster node is the case to pass): Hugging Face libraries read these at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

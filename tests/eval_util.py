@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -14,6 +15,20 @@ from neox_progressive.eval.tasks import stdlib_paragraphs
 from neox_progressive.io.writer import write_checkpoint
 
 EOT = "<|endoftext|>"
+
+
+def require_lm_eval():
+    """lm_eval, imported the plugin's way (offline-safe under lm_eval 0.4.1); skips only where lm-eval is not installed.
+
+    Not `pytest.importorskip("lm_eval")`: a bare import fails offline under 0.4.1 and would skip (or break)
+    what the plugin's own import path must handle."""
+    import pytest  # not at the top: NeoX's virtualenv imports this module without pytest
+
+    if importlib.util.find_spec("lm_eval") is None:
+        pytest.skip("needs lm-eval (pip install -e '.[eval]')")
+    from neox_progressive.eval.harness import import_lm_eval
+
+    return import_lm_eval()
 
 
 def bpe_tokenizer(path: Path, vocab_size: int = 300) -> Path:
@@ -30,14 +45,38 @@ def bpe_tokenizer(path: Path, vocab_size: int = 300) -> Path:
     return path
 
 
+def token_id(tokenizer: Path, text: str) -> int:
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(tokenizer)).encode(text).ids
+    assert len(ids) == 1, (text, ids)
+    return ids[0]
+
+
+def repeat_after_itself(sd: dict[str, torch.Tensor], token: int) -> None:
+    """Make `token` the greedy next token wherever the current token is `token` (elsewhere the weights stay random):
+    residual dimension 0 holds "the current token is `token`" (only its embedding writes there, no layer output
+    does), and the head reads that dimension into `token`'s logit."""
+    sd["embed.weight"][:, 0] = 0.0
+    sd["embed.weight"][token, 0] = 1.0
+    for key in sd:
+        if key.endswith(("attn.o.weight", "mlp.down.weight")):
+            sd[key][0] = 0.0
+    sd["head.weight"][token, 0] = 4.0
+
+
 def make_member(root: Path, name: str, tokenizer: Path, seed: int = 0, std: float = 0.15, family: str = "family",
-                **shape_kw) -> Member:
-    """A member with random weights: NeoX checkpoint + YAML naming the tokenizer (vocab padded to 64)."""
+                repeat_token: int | None = None, **shape_kw) -> Member:
+    """A member with random weights: NeoX checkpoint + YAML naming the tokenizer (vocab padded to 64).
+    With `repeat_token`, that token continues itself greedily (`repeat_after_itself`)."""
     root.mkdir(parents=True, exist_ok=True)
     shape = tiny_shape(**{"make_vocab_size_divisible_by": 64, **shape_kw})
     cfg = write_yaml(root / f"{name}.yml", shape, tokenizer_type="HFTokenizer", vocab_file=str(tokenizer))
     shape = ModelShape.from_yamls([cfg])
-    write_checkpoint(root / name, shape, random_sd(shape, seed=seed, std=std))
+    sd = random_sd(shape, seed=seed, std=std)
+    if repeat_token is not None:
+        repeat_after_itself(sd, repeat_token)
+    write_checkpoint(root / name, shape, sd)
     return Member(name=name, checkpoint=root / name, configs=[cfg], family=family)
 
 
@@ -76,7 +115,9 @@ def compare_with_hflm(root: Path, limit: int = 6) -> dict:
     from neox_progressive.eval.tasks import EXAMPLE_TASKS, write_example_tasks
 
     root.mkdir(parents=True, exist_ok=True)
-    member = make_member(root, "m", bpe_tokenizer(root / "tokenizer.json"), num_kv_heads=2, std=0.08)
+    tok_file = bpe_tokenizer(root / "tokenizer.json")
+    the = token_id(tok_file, " the")
+    member = make_member(root, "m", tok_file, num_kv_heads=2, std=0.08, repeat_token=the)
     hf_dir = hf_export(member, root / "hf")
     tasks = TaskSet([write_example_tasks(root / "tasks", n_docs=limit)])
     ours = NeoXProgressiveLM(checkpoint=str(member.checkpoint), config=str(member.configs[0]), batch_size=3, device="cpu")
@@ -88,6 +129,8 @@ def compare_with_hflm(root: Path, limit: int = 6) -> dict:
     ctx = "Return a new object, replacing specified fields with new values. This is especially useful"
     pairs = [(ctx, " for frozen classes."), ("", "An empty context is scored after the end-of-text token."),
              ("Spaces at the end of a context   ", "move to the continuation."), (ctx * 3, " long contexts are cut")]
+    pairs += [("If the", " the"), ("Return a new object", " the"), ("Return a new object", " the the"),
+              ("If the", " the the")]   # greedy, not, not, greedy: after " the" comes " the" (repeat_token)
     texts = ["Short text.", ctx * 4]
 
     def req(kind, args):

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from eval_util import compare_with_hflm, require_lm_eval
 
-pytest.importorskip("lm_eval")
+require_lm_eval()
 pytest.importorskip("accelerate", reason="lm-eval's HFLM needs accelerate (pip install accelerate)")
-from eval_util import compare_with_hflm  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 
@@ -27,6 +27,8 @@ def check_same(out):
     r_ours, r_hf = out["requests"]["ours"], out["requests"]["hf"]
     for (lp, greedy), (lp_hf, greedy_hf) in zip(r_ours["loglikelihood"], r_hf["loglikelihood"], strict=True):
         assert lp == pytest.approx(lp_hf, rel=1e-4, abs=1e-4) and greedy == greedy_hf
+    flags = [greedy for _, greedy in r_ours["loglikelihood"]]
+    assert flags[-4:] == [True, False, False, True], flags   # the pairs built on eval_util.repeat_after_itself
     assert r_ours["rolling"] == pytest.approx(r_hf["rolling"], rel=1e-4)
     assert all(lp < 0 for lp, _ in r_ours["loglikelihood"])
 
@@ -84,6 +86,8 @@ def test_generate_until_equals_transformers_greedy(tmp_path):
 
 
 def test_registered_by_name_for_lm_eval(tmp_path, monkeypatch):
+    """`--model neox-progressive --model_args checkpoint=...,config=...` (lm-eval builds the model from the string) gives
+    per document the log-likelihoods of the model built directly from the same weights and tokenizer."""
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     from eval_util import bpe_tokenizer, make_member
     from lm_eval.api.registry import get_model
@@ -91,11 +95,64 @@ def test_registered_by_name_for_lm_eval(tmp_path, monkeypatch):
     from neox_progressive.eval.harness import TaskSet
     from neox_progressive.eval.lm import NeoXProgressiveLM
     from neox_progressive.eval.tasks import write_example_tasks
+    from neox_progressive.model import Transformer
 
     assert get_model("neox-progressive") is NeoXProgressiveLM
     member = make_member(tmp_path, "m", bpe_tokenizer(tmp_path / "tok.json"))
-    tasks = TaskSet([write_example_tasks(tmp_path / "tasks", n_docs=3)])
-    res = tasks.lm_eval.evaluator.simple_evaluate(
+    tasks = TaskSet([write_example_tasks(tmp_path / "tasks", n_docs=4)])
+    manager = {"task_manager": tasks.manager} if tasks.manager else {}
+    kwargs = dict(tasks=["stdlib_choice"], limit=4, bootstrap_iters=0, log_samples=True, **manager)
+    by_name = tasks.lm_eval.evaluator.simple_evaluate(
         model="neox-progressive", model_args=f"checkpoint={member.checkpoint},config={member.configs[0]},batch_size=2",
-        tasks=["stdlib_choice"], limit=3, bootstrap_iters=0, **({"task_manager": tasks.manager} if tasks.manager else {}))
-    assert 0 <= res["results"]["stdlib_choice"]["acc,none"] <= 1
+        **kwargs)
+    direct = tasks.lm_eval.evaluator.simple_evaluate(
+        model=NeoXProgressiveLM(model=Transformer.from_state_dict(member.shape, member.reader.state_dict()),
+                                tokenizer=member.tokenizer, batch_size=3),
+        **kwargs)
+
+    def per_doc(res):
+        return [[float(r[0]) for r in s["filtered_resps"]] for s in res["samples"]["stdlib_choice"]]
+
+    got, want = per_doc(by_name), per_doc(direct)
+    assert len(got) == 4 and all(len(doc) == 4 for doc in got)           # four endings per document
+    assert len({x for doc in want for x in doc}) == 16                    # real scores, not a constant
+    for g, w in zip(got, want, strict=True):
+        assert g == pytest.approx(w, rel=1e-5)
+    assert by_name["results"]["stdlib_choice"]["acc,none"] == direct["results"]["stdlib_choice"]["acc,none"]
+
+
+def test_plugin_imports_after_a_failed_bare_import_of_lm_eval(tmp_path):
+    """Offline, lm_eval 0.4.1's own `import lm_eval` fails (its exact_match metric comes from the Hub) and leaves its
+    registry half-built; the plugin's import path must still work in that process, and register the model.
+    Under later lm-eval versions the bare import succeeds and the same code must work too."""
+    from importlib.metadata import version
+
+    code = ("try:\n    import lm_eval\n    print('bare import: ok')\n"
+            "except Exception as exc:\n    print('bare import failed:', type(exc).__name__)\n"
+            "from neox_progressive.eval.lm import NeoXProgressiveLM\n"
+            "from lm_eval.api.registry import get_model\n"
+            "assert get_model('neox-progressive') is NeoXProgressiveLM\n"
+            "import lm_eval.api.metrics as m\n"
+            "print('exact_match', m.exact_match_fn(references=['a b'], predictions=['a b'])['exact_match']"
+            " if hasattr(m, 'exact_match_fn') else 'n/a')\n")
+    env = dict(os.environ, PYTHONPATH=str(TESTS.parent), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if version("lm_eval") == "0.4.1":
+        assert "bare import failed" in proc.stdout, proc.stdout   # the case this test is for
+        assert "exact_match 1.0" in proc.stdout, proc.stdout       # served locally
+
+
+def test_a_second_task_directory_with_the_same_names_replaces_the_first(tmp_path):
+    """lm_eval 0.4.1 keeps the first registration of a task name process-wide; a second directory of the example
+    tasks (each `eval` run writes them to a temporary directory that is deleted afterwards) must be the one read."""
+    import shutil
+
+    from neox_progressive.eval.harness import TaskSet
+    from neox_progressive.eval.tasks import write_example_tasks
+
+    first = write_example_tasks(tmp_path / "first", n_docs=3)
+    TaskSet([first]).check(["stdlib_choice"])
+    shutil.rmtree(first)
+    second = TaskSet([write_example_tasks(tmp_path / "second", n_docs=5)])
+    second.check(["stdlib_choice", "stdlib_lastword"])   # reads the datasets: the first directory is gone

@@ -47,7 +47,7 @@ def test_perplexity_refuses_tokens_outside_the_vocabulary():
 
 
 def test_reads_neox_mmap_data(tmp_path):
-    data = pytest.importorskip("neox_progressive.data")
+    from neox_progressive import data
     docs = [np.arange(1, 40) % 64, np.arange(5, 9), np.arange(3, 60) % 64]
     data.write_dataset(tmp_path / "valid", docs, vocab_size=64)
     got = list(mmap_documents(tmp_path / "valid"))
@@ -58,7 +58,6 @@ def test_reads_neox_mmap_data(tmp_path):
 @pytest.mark.neox
 def test_reads_data_written_by_neox_preprocess(tmp_path):
     """NeoX's own preprocess_data.py output: the windows hold the tokenizer's ids plus NeoX's end-of-document."""
-    pytest.importorskip("neox_progressive.data")
     from eval_util import bpe_tokenizer_for_neox, neox_preprocess
     from neox_run import neox_dir
     from tokenizers import Tokenizer

@@ -50,7 +50,9 @@ def test_acceptance_equals_transformers_assisted_generation(tmp_path, monkeypatc
     for prompt in PROMPTS:
         rounds.clear()
         ids = torch.tensor([prompt])
-        out = t_hf.generate(ids, assistant_model=d_hf, max_new_tokens=30, do_sample=False, pad_token_id=0)
+        # eos: an id outside the vocabulary (never generated); transformers 4.38 (NeoX's pin) needs one for assisted generation
+        out = t_hf.generate(ids, assistant_model=d_hf, max_new_tokens=30, do_sample=False, pad_token_id=0,
+                            eos_token_id=TARGET.padded_vocab_size)
         hf_tokens = out[0, len(prompt):].tolist()
         ours = speculative_generate(d_ours, t_ours, prompt, 30, draft_len=draft_len)
         assert ours.tokens == hf_tokens

@@ -73,7 +73,8 @@ def test_later_stages_start_from_the_expanded_weights(trained):
                             n_batches=st.eval_iters * st.grad_acc)
         valid = read_metrics(logs / f"stage_{name}.metrics.jsonl", "valid")
         train = read_metrics(logs / f"stage_{name}.metrics.jsonl", "train")
-        assert valid[0]["iteration"] == 0 and abs(valid[0]["loss"] - exp) < 0.05, (valid[0], exp)
+        # the same computation on the same batches (test_train_engine.py checks the same identity at 1e-6)
+        assert valid[0]["iteration"] == 0 and valid[0]["loss"] == pytest.approx(exp, abs=1e-6), (valid[0], exp)
         assert abs(train[0]["loss"] - exp) < 0.5 and first - train[0]["loss"] > 1.5, (train[0], exp, first)
         info = RunState(Path(family.output_dir) / "progressive" / "state.json").info(f"{name}/train")
         assert info["start_check"]["verdict"] == "expanded"
@@ -83,10 +84,9 @@ def test_later_stages_start_from_the_expanded_weights(trained):
 def test_rerun_skips_verified_steps_and_redoes_changed_ones(trained, capsys):
     fam, family = trained
     before = final_checksums(family)
-    t0 = time.time()
     assert main(["run", str(fam), "--engine", "builtin", "--device", "cpu", "--no-eval"]) == 0
     err = capsys.readouterr().err
-    assert time.time() - t0 < 30 and err.count("skipping") == 5, err   # s, m, l train + m, l expand
+    assert err.count("skipping") == 5, err   # s, m, l train + m, l expand
     assert final_checksums(family) == before
     # a changed expansion seed: the first member stays done, everything from the first expansion on is redone
     changed = write_family(fam.with_name("changed.yml"), {"train": str(family.data.train), "valid": str(family.data.valid),

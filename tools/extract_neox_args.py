@@ -64,13 +64,16 @@ def extract(source: str, filename: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("git_dir", help="a git directory or checkout of EleutherAI/gpt-neox")
-    p.add_argument("commit", help="the commit to read, e.g. ea7aefd8")
+    p.add_argument("commit", help="the commit to read, e.g. ea7aefd8; 'tree': the files of the directory as they are "
+                   "(a checkout without git, e.g. $NEOX_DIR; the commit is then recorded as 'tree')")
     p.add_argument("--out", default=str(OUT))
     a = p.parse_args()
-    full = subprocess.check_output(["git", "-C", a.git_dir, "rev-parse", a.commit], text=True).strip()
+    tree = a.commit == "tree"
+    full = "tree" if tree else subprocess.check_output(["git", "-C", a.git_dir, "rev-parse", a.commit], text=True).strip()
     args: dict = {}
     for f in FILES:
-        src = subprocess.check_output(["git", "-C", a.git_dir, "show", f"{full}:{f}"], text=True)
+        src = (Path(a.git_dir) / f).read_text() if tree else \
+            subprocess.check_output(["git", "-C", a.git_dir, "show", f"{full}:{f}"], text=True)
         for name, rec in extract(src, f).items():
             if name in args:
                 raise SystemExit(f"{name} defined twice ({args[name]['class']}, {rec['class']})")

@@ -10,8 +10,14 @@ run stops before any model work with a message naming the dataset, how to fetch 
 machine with network, and where to put it (HF_DATASETS_CACHE, then HF_DATASETS_OFFLINE=1).
 
 lm_eval 0.4.1 loads its `exact_match` metric from the HF Hub at import time (api/metrics.py);
-offline that import fails. `import_lm_eval` then serves that one metric locally (`ExactMatch`,
-written from the metric's documented behaviour) and imports again.
+offline that import fails, and leaves lm_eval half-imported: its registry module stays loaded with
+the aggregations registered, so a second plain `import lm_eval` fails on "aggregation named 'mean'
+conflicts". `import_lm_eval` clears such a half-import (its own or anyone's before it), serves that
+one metric locally while lm_eval imports (`ExactMatch`, written from the metric's documented
+behaviour) and imports again. Import lm_eval through it, not with a bare `import lm_eval`.
+
+lm_eval 0.4.1's task registry is global and keeps the first registration of a name; `TaskSet`
+re-registers the tasks of each include path it is given, so the latest directory wins.
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ import os
 import re
 import string
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from neox_progressive.errors import UserError
 
-_INCLUDED: set[str] = set()
 _INITIALIZED = False
 
 
@@ -54,17 +62,49 @@ class ExactMatch:
         return {"exact_match": sum(a == b for a, b in zip(p, r)) / max(len(p), 1)}
 
 
+def _forget_half_import() -> None:
+    """Drop the submodules a failed `import lm_eval` left behind (its package is gone, they are not)."""
+    if "lm_eval" not in sys.modules:
+        for name in [m for m in sys.modules if m.startswith("lm_eval.")]:
+            del sys.modules[name]
+
+
+def _hub_metric_failed(exc: BaseException) -> bool:
+    """The import failed inside `evaluate.load` (lm_eval 0.4.1's metric from the Hub), not for another reason."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return any(Path(f.filename).name == "loading.py" and Path(f.filename).parent.name == "evaluate" for f in frames)
+
+
+def _import() -> None:
+    import lm_eval  # noqa: F401
+    import lm_eval.api.model
+    import lm_eval.evaluator
+    import lm_eval.tasks  # noqa: F401
+
+
+def _installed_version() -> str | None:
+    try:
+        from importlib.metadata import version
+        return version("lm_eval")
+    except Exception:  # noqa: BLE001 - not installed
+        return None
+
+
 def import_lm_eval():
     """`import lm_eval`, serving lm_eval 0.4.1's Hub-loaded exact_match metric locally when offline."""
+    _forget_half_import()
     try:
-        import lm_eval
-        import lm_eval.api.model
-        import lm_eval.evaluator
-        import lm_eval.tasks  # noqa: F401
-    except ImportError:
-        raise UserError("evaluation with lm-eval needs the lm-eval package: pip install 'lm-eval>=0.4.1,<0.5'") from None
-    except (FileNotFoundError, ConnectionError, OSError) as exc:
-        if "exact_match" not in str(exc):
+        _import()
+    except ImportError as exc:
+        _forget_half_import()
+        have = _installed_version()
+        if have is None:
+            raise UserError("evaluation with lm-eval needs the lm-eval package: pip install 'lm-eval>=0.4.1,<0.5'") from None
+        raise UserError(f"lm-eval {have} is installed but cannot be imported ({exc}); install a matching set, e.g. "
+                        "pip install -c constraints/neox.txt -e '.[eval]' for GPT-NeoX's pins") from None
+    except Exception as exc:  # noqa: BLE001 - evaluate raises FileNotFoundError, ConnectionError, ... offline
+        _forget_half_import()
+        if not _hub_metric_failed(exc):
             raise
         import evaluate
 
@@ -74,13 +114,38 @@ def import_lm_eval():
             return ExactMatch() if path == "exact_match" else original(path, *args, **kwargs)
 
         evaluate.load = load
-        for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")]:
-            del sys.modules[name]
-        import lm_eval
-        import lm_eval.api.model
-        import lm_eval.evaluator
-        import lm_eval.tasks  # noqa: F401
+        try:
+            _import()
+        finally:
+            evaluate.load = original
+            _forget_half_import()
+    import lm_eval
     return lm_eval
+
+
+class _IgnoreTags(yaml.SafeLoader):
+    """Reads lm-eval task YAML (`!function ...` tags become None): only the task names are wanted."""
+
+
+_IgnoreTags.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def _forget_tasks_defined_in(directory: str) -> None:
+    """lm_eval 0.4.1 keeps one global task registry and will not register a task name twice (the second
+    registration is logged and dropped), so a second directory with the same task names (another run's
+    temporary copy of the example tasks, say) would be served from the first, possibly deleted, one.
+    Forget the names this directory defines; including it then registers them afresh."""
+    from lm_eval.api.registry import ALL_TASKS, TASK_REGISTRY
+
+    for path in sorted(Path(directory).rglob("*.yaml")):
+        try:
+            config = yaml.load(path.read_text(), Loader=_IgnoreTags)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue  # lm-eval will log it when it reads the file
+        name = config.get("task") if isinstance(config, dict) else None
+        if isinstance(name, str) and name in TASK_REGISTRY:
+            del TASK_REGISTRY[name]
+            ALL_TASKS.discard(name)
 
 
 def _new_api(lm_eval) -> bool:
@@ -107,9 +172,8 @@ class TaskSet:
                 tasks.initialize_tasks("ERROR")
                 _INITIALIZED = True
             for p in self.include_paths:
-                if p not in _INCLUDED:
-                    tasks.include_path(p)
-                    _INCLUDED.add(p)
+                _forget_tasks_defined_in(p)
+                tasks.include_path(p)
             self.names = set(tasks.ALL_TASKS)
 
     def dataset_of(self, name: str) -> str:
@@ -155,11 +219,7 @@ class TaskSet:
 
     @property
     def version(self) -> str:
-        try:
-            from importlib.metadata import version
-            return version("lm_eval")
-        except Exception:  # noqa: BLE001
-            return "0.4.x"
+        return _installed_version() or "0.4.x"
 
     def evaluate(self, lm, names: list[str], *, limit: int | None = None, num_fewshot: int | None = None,
                  bootstrap_iters: int = 100) -> dict[str, Any]:
