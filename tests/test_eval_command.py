@@ -32,7 +32,7 @@ def family(tmp_path_factory):
 
 
 def eval_args(root, specs, text, *extra):
-    args = ["eval", "--out", str(root / "out"), "--text", str(text), "--ppl-windows", "4", "--kl-windows", "3",
+    args = ["eval", "--out", str(root / "out"), "--text", str(text), "--ppl-windows", "4", "--kl-examples", "3",
             "--prompts", "2", "--prompt-tokens", "8", "--new-tokens", "10", "--seq-length", str(SEQ), "--quiet"]
     for s in specs:
         args += ["--member", s]
@@ -79,23 +79,66 @@ def test_report_files_and_tables(family, report):
         assert set(pair["specdec"]) == {"greedy", "sampled"}
 
 
+def kl_by_hand(ms, ml, x, vocab):
+    """Per example [B, T]: mean over positions of KL both ways and of top-1 agreement, float64."""
+    with torch.no_grad():
+        lp = torch.log_softmax(ms(x)[..., :vocab].double(), -1)
+        lq = torch.log_softmax(ml(x)[..., :vocab].double(), -1)
+    return ((lp.exp() * (lp - lq)).sum(-1).mean(-1), (lq.exp() * (lq - lp)).sum(-1).mean(-1),
+            (lp.argmax(-1) == lq.argmax(-1)).double().mean(-1))
+
+
 def test_perplexity_and_kl_match_a_recomputation(family, report):
+    """Perplexity on NeoX windows; KL on the documents the report names, each rebuilt by hand: end-of-text token, the
+    text's tokens, truncated to SEQ tokens, one example alone (no padding)."""
+    from tokenizers import Tokenizer
+
     root, members, _, text = family
     small, large = members["progressive"]
     x = windows_by_hand(root / "tok.json", text, 4)
+    tok = Tokenizer.from_file(str(root / "tok.json"))
+    eot = tok.token_to_id("<|endoftext|>")
+    lines = text.read_text().splitlines()
+    got = report["families"]["progressive"]
+    kl = got["pairs"][0]["kl"]
     with torch.no_grad():
         ms = Transformer.from_state_dict(small.shape, small.reader.state_dict())
         ml = Transformer.from_state_dict(large.shape, large.reader.state_dict())
         logits = ms(x[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).item()
-        vocab = small.tokenizer.vocab_size
-        lp = torch.log_softmax(logits[:3, :, :vocab].double(), -1)
-        lq = torch.log_softmax(ml(x[:3, :-1])[..., :vocab].double(), -1)
-        kl = (lp.exp() * (lp - lq)).sum(-1).mean(-1).mean().item()
-    got = report["families"]["progressive"]
+    vocab = small.tokenizer.vocab_size
+    want = []
+    for i in kl["per_example"]["source"]:
+        doc = torch.tensor(([eot] + tok.encode(json.loads(lines[i])["text"]).ids)[:SEQ])[None]
+        want.append([float(v[0]) for v in kl_by_hand(ms, ml, doc, vocab)] + [doc.shape[1]])
     assert got["members"][0]["perplexity"]["loss"] == pytest.approx(loss, rel=1e-5)
     assert got["members"][0]["perplexity"]["tokens"] == 4 * SEQ
-    assert got["pairs"][0]["kl"]["kl"] == pytest.approx(kl, rel=1e-5)
+    assert kl["unit"] == "documents" and len(set(kl["per_example"]["source"])) == 3
+    assert kl["per_example"]["kl"] == pytest.approx([w[0] for w in want], rel=1e-5)
+    assert kl["per_example"]["reverse"] == pytest.approx([w[1] for w in want], rel=1e-5)
+    assert kl["per_example"]["top1"] == pytest.approx([w[2] for w in want], abs=1e-12)
+    assert kl["per_example"]["positions"] == [w[3] for w in want]
+    assert kl["kl"] == pytest.approx(sum(w[0] for w in want) / 3, rel=1e-5)
+    assert kl["reverse"]["kl"] == pytest.approx(sum(w[1] for w in want) / 3, rel=1e-5)
+    assert kl["distribution"]["max"] == pytest.approx(max(w[0] for w in want), rel=1e-5)
+
+
+def test_kl_on_windows_matches_a_recomputation(family, tmp_path):
+    root, members, specs, text = family
+    out = tmp_path / "w"
+    args = ["eval", "--out", str(out), "--text", str(text), "--kl-examples", "3", "--kl-on", "windows",
+            "--seq-length", str(SEQ), "--skip", "ppl,specdec", "--quiet", "--member", specs[0], "--member", specs[1]]
+    assert main(args) == 0
+    kl = json.loads((out / "report.json").read_text())["families"]["progressive"]["pairs"][0]["kl"]
+    small, large = members["progressive"]
+    ms = Transformer.from_state_dict(small.shape, small.reader.state_dict())
+    ml = Transformer.from_state_dict(large.shape, large.reader.state_dict())
+    fwd, rev, top = kl_by_hand(ms, ml, windows_by_hand(root / "tok.json", text, 3)[:, :-1], small.tokenizer.vocab_size)
+    assert kl["unit"] == "windows" and kl["per_example"]["source"] == [0, 1, 2]
+    assert kl["kl"] == pytest.approx(float(fwd.mean()), rel=1e-5)
+    assert kl["reverse"]["kl"] == pytest.approx(float(rev.mean()), rel=1e-5)
+    assert kl["top1_agreement"] == pytest.approx(float(top.mean()), abs=1e-12)
+    assert "the first 3 windows of 32 tokens" in (out / "report.md").read_text()
 
 
 def test_dry_run_and_refusing_to_overwrite(family, report, capsys):
@@ -119,17 +162,19 @@ def test_neox_mmap_data_gives_the_same_numbers_as_the_text(family, report, tmp_p
     data.write_dataset(tmp_path / "valid_text_document", docs, vocab_size=tok.get_vocab_size())
     out = tmp_path / "out"
     args = ["eval", "--out", str(out), "--data", str(tmp_path / "valid_text_document"), "--ppl-windows", "4",
-            "--kl-windows", "3", "--seq-length", str(SEQ), "--skip", "specdec", "--quiet", "--member", specs[0],
+            "--kl-examples", "3", "--seq-length", str(SEQ), "--skip", "specdec", "--quiet", "--member", specs[0],
             "--member", specs[1]]
     assert main(args) == 0
     got = json.loads((out / "report.json").read_text())["families"]["progressive"]
     want = report["families"]["progressive"]
     assert got["members"][1]["perplexity"] == pytest.approx(want["members"][1]["perplexity"], rel=1e-6)
     assert got["pairs"][0]["kl"]["kl"] == pytest.approx(want["pairs"][0]["kl"]["kl"], rel=1e-6)
+    assert got["pairs"][0]["kl"]["per_example"]["source"] == want["pairs"][0]["kl"]["per_example"]["source"]
 
 
 def test_help_and_example_tasks(tmp_path, capsys):
-    for verb, words in (("eval", ["KL(p_small || p_large)", "--member", "--example-tasks", "examples:"]),
+    for verb, words in (("eval", ["KL(p_small || p_large)", "our", "reading", "KL(p_large || p_small)", "--kl-on", "--member",
+                                  "--example-tasks", "examples:", "mean accepted length"]),
                         ("neox-patch", ["ea7aefd8", "--check", "--revert", "eval_hook"])):
         with pytest.raises(SystemExit) as exc:
             main([verb, "--help"])

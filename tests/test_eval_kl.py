@@ -1,10 +1,14 @@
-"""App. F KL between members: zero on itself, chunked == a dense float64 recomputation, the stated direction."""
+"""App. F KL between members: zero on itself, chunked == a dense float64 recomputation, both directions, top-1
+agreement, the two-level mean over examples of different lengths, the per-example distribution."""
 
+import statistics
+
+import numpy as np
 import pytest
 import torch
 from tiny import model_of, random_sd, tiny_shape
 
-from neox_progressive.eval.kl import kl_from_logits, pair_kl
+from neox_progressive.eval.kl import distribution, examples_kl, kl_from_logits, pair_kl
 
 SMALL = tiny_shape(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_size=48, padded_vocab_size=64)
 LARGE = tiny_shape(hidden_size=48, num_layers=3, num_heads=6, num_kv_heads=6, ffn_size=64, padded_vocab_size=64)
@@ -32,10 +36,19 @@ def dense_kl(p_model, q_model, data, vocab):
     return sum(per_example) / len(per_example)
 
 
+def dense_rows(p_model, q_model, x, vocab):
+    """Per position, float64 from the models' own full forward: KL(p||q), KL(q||p), same argmax."""
+    with torch.no_grad():
+        lp = torch.log_softmax(p_model(x)[..., :vocab].double(), -1)
+        lq = torch.log_softmax(q_model(x)[..., :vocab].double(), -1)
+    return ((lp.exp() * (lp - lq)).sum(-1), (lq.exp() * (lq - lp)).sum(-1),
+            (lp.argmax(-1) == lq.argmax(-1)).double())
+
+
 def test_kl_of_a_model_with_itself_is_zero(pair):
     small, _ = pair
     res = pair_kl(small, small, batches())
-    assert abs(res.kl) < 1e-6
+    assert abs(res.kl) < 1e-6 and abs(res.reverse) < 1e-6 and res.top1 == 1.0
     assert res.examples == 6 and res.positions == 6 * 13
 
 
@@ -79,3 +92,71 @@ def test_kl_from_logits_vocab_chunks_match_one_shot():
     ref = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=a.double()),
                                             torch.distributions.Categorical(logits=b.double()))
     assert torch.allclose(one.double(), ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("position_chunk,vocab_chunk", [(None, None), (3, 7), (1, 64)])
+def test_documents_of_different_lengths_two_level_mean_is_not_the_token_mean(pair, position_chunk, vocab_chunk):
+    """App. F: mean over positions per example, then over examples. With unequal lengths this differs from the
+    flat mean over all tokens; each example alone (no padding) in the reference."""
+    small, large = pair
+    g = torch.Generator().manual_seed(4)
+    lengths = [2, 17, 5, 30, 1, 9, 11]
+    docs = [torch.randint(0, 64, (n,), generator=g) for n in lengths]
+    fwd, rev, top = [], [], []
+    for d in docs:
+        f, r, t = dense_rows(small, large, d[None], 64)
+        fwd.append(f[0])
+        rev.append(r[0])
+        top.append(t[0])
+    two_level = sum(float(f.mean()) for f in fwd) / len(docs)
+    flat = float(torch.cat(fwd).mean())
+    assert abs(two_level - flat) > 0.02 * two_level      # the test can tell the two averages apart
+    got = examples_kl(small, large, [d.tolist() for d in docs], batch_size=3, position_chunk=position_chunk,
+                      vocab_chunk=vocab_chunk)
+    assert got.kl == pytest.approx(two_level, rel=1e-5)
+    assert got.token_mean == pytest.approx(flat, rel=1e-5)
+    assert got.reverse == pytest.approx(sum(float(r.mean()) for r in rev) / len(docs), rel=1e-5)
+    assert got.top1 == pytest.approx(sum(float(t.mean()) for t in top) / len(docs), abs=1e-12)
+    assert got.lengths == lengths and got.positions == sum(lengths) and got.unit == "documents"
+    assert got.per_example == pytest.approx([float(f.mean()) for f in fwd], rel=1e-5)   # in the order given
+    assert 0 < got.top1 < 1
+
+
+def test_top1_agreement_and_reverse_direction():
+    """A sharpened, perturbed copy of a model: the two directions differ and the top-1 often agrees."""
+    sd = random_sd(LARGE, seed=2, std=0.2)
+    g = torch.Generator().manual_seed(5)
+    near = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in sd.items()}
+    near["head.weight"] = near["head.weight"] * 3
+    small, large = model_of(LARGE, near), model_of(LARGE, sd)
+    data = batches()
+    got = pair_kl(small, large, data, vocab_size=60, vocab_chunk=16)
+    f, r, t = zip(*(dense_rows(small, large, x, 60) for x in data))
+    assert got.reverse == pytest.approx(float(torch.cat(r).mean(-1).mean()), rel=1e-5)
+    assert got.top1 == pytest.approx(float(torch.cat(t).mean()), abs=1e-12)
+    assert got.reverse != pytest.approx(got.kl, rel=0.1)
+    assert 0.2 < got.top1 < 1
+
+
+def test_distribution_of_per_example_values():
+    vals = [float(x) for x in np.random.default_rng(0).gamma(1.0, 0.3, 1001)]
+    cuts = statistics.quantiles(vals, n=1000, method="inclusive")    # 999 cut points: the k/1000 quantiles
+    got = distribution(vals)
+    assert got["median"] == pytest.approx(statistics.median(vals))
+    assert got["p90"] == pytest.approx(cuts[899]) and got["p99"] == pytest.approx(cuts[989])
+    assert got["p99.9"] == pytest.approx(cuts[998]) and got["max"] == max(vals)
+
+
+@pytest.mark.parametrize("vocab_chunk", [None, 24])
+def test_large_logits_take_the_shifted_path(vocab_chunk):
+    """Logits in the hundreds (a very sharp member): exp must be taken after subtracting the row max."""
+    sd = random_sd(SMALL, seed=1, std=0.2)
+    sd["head.weight"] = sd["head.weight"] * 150
+    small, (_, large) = model_of(SMALL, sd), (None, model_of(LARGE, random_sd(LARGE, seed=2, std=0.2)))
+    data = batches(n=1)
+    with torch.no_grad():
+        assert float(small(data[0]).abs().max()) > 100
+    got = pair_kl(small, large, data, vocab_chunk=vocab_chunk)
+    f, r, _ = dense_rows(small, large, data[0], 64)
+    assert got.kl == pytest.approx(float(f.mean(-1).mean()), rel=1e-5)
+    assert got.reverse == pytest.approx(float(r.mean(-1).mean()), rel=1e-5)

@@ -210,7 +210,7 @@ def test_run_evaluates_the_family_and_eval_reads_the_family_file(trained, tmp_pa
     assert "eval: done before" in capsys.readouterr().err
     # `eval FAMILY.yml` finds the trained members and the family's held-out data by itself
     assert main(["eval", str(fam), "--out", str(tmp_path / "ev"), "--skip", "specdec", "--ppl-windows", "4",
-                 "--kl-windows", "4", "--quiet", "--device", "cpu"]) == 0
+                 "--kl-examples", "4", "--quiet", "--device", "cpu"]) == 0
     again = json.loads((tmp_path / "ev" / "report.json").read_text())
     assert [m["name"] for m in again["families"]["progressive"]["members"]] == MEMBERS
     assert again["settings"]["data"] == str(family.data.valid)

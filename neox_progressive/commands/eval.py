@@ -4,10 +4,19 @@ Per member: validation perplexity on held-out NeoX data (NeoX's lm_loss_ppl: nex
 entropy over windows of seq_length + 1 tokens) and any lm-eval tasks (offline: local YAML tasks
 via --include-path, or standard tasks whose datasets are in the local HF cache).
 
-Per adjacent pair (smaller -> larger): the KL divergence of App. F, KL(p_small || p_large) per
-position over the vocabulary, averaged over positions then examples; and speculative decoding
-with the smaller member drafting 8 tokens per round for the larger one, greedy and sampled
-(Leviathan et al. 2023): acceptance rate and wall time against the target alone.
+Per adjacent pair (smaller -> larger):
+- KL divergence (Section 5.2, App. F) at every position over the vocabulary, averaged over the
+  positions of an example, then over examples. Examples are validation documents sampled with
+  --seed (the end-of-document token, then the document, truncated to the sequence length; our
+  reading of "10,000 examples"), or windows of the token stream with --kl-on windows. The
+  headline direction KL(p_small || p_large) is our reading of App. F, whose formula did not
+  survive in the paper text: the draft/smaller member judged against the larger reference.
+  KL(p_large || p_small) is reported next to it, with the top-1 agreement, the distribution of
+  the per-example values (median, p90, p99, p99.9, max) and every per-example value (report.json).
+- Speculative decoding (Section 5.3, Table 5) with the smaller member drafting 8 tokens per round
+  for the larger one, greedy and sampled (Leviathan et al. 2023), on prompts sampled with --seed
+  from validation documents: acceptance rate, mean accepted length per round (1 + accepted /
+  rounds), wall time per prompt with and without the draft, speedup, dtype and device.
 
 With two families (e.g. progressive/ and independent/ members) the tables put them side by side
 (paper Tables 1, 4, 5), and member i of the second family also drafts for member i + 1 of the first.
@@ -52,13 +61,18 @@ def add_arguments(p) -> None:
     d = p.add_argument_group("held-out data")
     d.add_argument("--data", help="NeoX mmap prefix of held-out data (without .bin/.idx)")
     d.add_argument("--text", help="or a .jsonl ('text' key) / text file, tokenized with the members' tokenizer")
-    d.add_argument("--seq-length", type=int, help="tokens per window (default: the smallest member seq_length)")
+    d.add_argument("--seq-length", type=int, help="tokens per window, and the truncation of KL documents (default: "
+                   "the smallest member seq_length)")
     d.add_argument("--ppl-windows", type=int, default=64, help="windows for perplexity (default 64)")
-    d.add_argument("--kl-windows", type=int, default=64, help="examples for KL (paper: 10000; default 64)")
+    d.add_argument("--kl-examples", type=int, default=64, help="examples for KL (paper: 10000; default 64)")
+    d.add_argument("--kl-on", choices=["documents", "windows"], default="documents",
+                   help="KL examples: validation documents sampled with --seed, each truncated to the sequence length "
+                   "(default; our reading of App. F), or the first windows of the token stream")
     d.add_argument("--batch-size", type=int, default=4)
     s = p.add_argument_group("speculative decoding")
     s.add_argument("--draft-len", type=int, default=8, help="draft tokens per round (paper: 8)")
-    s.add_argument("--prompts", type=int, default=16, help="prompts (paper: 1000; default 16)")
+    s.add_argument("--prompts", type=int, default=16, help="prompts, sampled with --seed from validation documents "
+                   "(paper: 1000; default 16)")
     s.add_argument("--prompt-tokens", type=int, default=32)
     s.add_argument("--new-tokens", type=int, default=64)
     s.add_argument("--modes", default="greedy,sampled", help="greedy, sampled or both (default)")
@@ -73,7 +87,8 @@ def add_arguments(p) -> None:
     p.add_argument("--skip", default="", help=f"steps to skip, comma-separated: {', '.join(STEPS)}")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="which documents KL and the prompts sample, and the sampled "
+                   "mode's random draws")
 
 
 def _csv(value: str) -> list[str]:
@@ -88,7 +103,7 @@ def settings_from(args) -> EvalSettings:
         raise UserError(f"--skip {','.join(bad)}: unknown step; the steps are {', '.join(STEPS)}")
     if not modes or any(m not in ("greedy", "sampled") for m in modes):
         raise UserError(f"--modes {args.modes!r}: expected greedy, sampled or greedy,sampled")
-    for name in ("ppl_windows", "kl_windows", "batch_size", "draft_len", "prompts", "prompt_tokens", "new_tokens"):
+    for name in ("ppl_windows", "kl_examples", "batch_size", "draft_len", "prompts", "prompt_tokens", "new_tokens"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     tasks = _csv(args.tasks)
@@ -98,7 +113,8 @@ def settings_from(args) -> EvalSettings:
         tasks += [t for t in EXAMPLE_TASKS if t not in tasks]
     return EvalSettings(
         data=args.data, text=args.text, seq_length=args.seq_length, ppl_windows=args.ppl_windows,
-        kl_windows=args.kl_windows, batch_size=args.batch_size, prompts=args.prompts, prompt_tokens=args.prompt_tokens,
+        kl_examples=args.kl_examples, kl_on=args.kl_on, batch_size=args.batch_size, prompts=args.prompts,
+        prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens, draft_len=args.draft_len, modes=modes, temperature=args.temperature, seed=args.seed,
         tasks=tasks, include_paths=list(args.include_path), limit=args.limit, num_fewshot=args.num_fewshot,
         device=args.device, dtype=args.dtype, skip=skip, quiet=args.quiet)

@@ -5,9 +5,9 @@ one. Only two models are in memory at a time: a member and the one before it. Wi
 families, the paper's Table 5 comparison is added: member i of every other family drafts for
 member i + 1 of the first family (the reference, e.g. Independent 4B -> Progressive 8B).
 
-All metrics use the same token windows, cut once from the validation data (`perplexity.py`):
-NeoX samples of seq_length + 1 tokens in file order; speculative decoding prompts are the first
-`prompt_tokens` of the first windows.
+Every metric uses examples cut once from the validation data (`examples.py`): perplexity NeoX's
+windows in file order; KL validation documents (or windows, `kl_on`) and speculative decoding
+prompts, both sampled with `seed`.
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from neox_progressive import __version__
 from neox_progressive.errors import UserError
-from neox_progressive.eval.kl import pair_kl
+from neox_progressive.eval.examples import KL_UNITS, Documents, HeldOut, held_out
+from neox_progressive.eval.kl import examples_kl
 from neox_progressive.eval.member import Member, check_same_vocabulary
-from neox_progressive.eval.perplexity import mmap_documents, perplexity, text_documents, token_windows
+from neox_progressive.eval.perplexity import perplexity
 from neox_progressive.eval.specdec import speculative_generate, target_generate
 
 STEPS = ("ppl", "tasks", "kl", "specdec")
@@ -39,11 +39,15 @@ class EvalSettings:
     text: str | None = None
     """Or a .jsonl / text file, tokenized with the members' tokenizer."""
     seq_length: int | None = None
-    """Window length (default: the smallest member seq_length)."""
+    """Window length and KL example truncation (default: the smallest member seq_length)."""
     ppl_windows: int = 64
-    kl_windows: int = 64
+    kl_examples: int = 64
+    """KL examples (the paper: 10,000)."""
+    kl_on: str = "documents"
+    """What a KL example is: validation documents sampled with `seed` (App. F, our reading), or windows."""
     batch_size: int = 4
     prompts: int = 16
+    """Speculative decoding prompts, sampled with `seed` from validation documents (the paper: 1,000)."""
     prompt_tokens: int = 32
     new_tokens: int = 64
     draft_len: int = 8
@@ -86,26 +90,23 @@ def pairs_of(families: dict[str, list[Member]]) -> list[tuple[Member, Member, bo
     return out
 
 
-def load_windows(members: list[Member], s: EvalSettings) -> tuple[list[np.ndarray], int]:
+def load_held_out(members: list[Member], s: EvalSettings) -> HeldOut:
+    """The perplexity windows, KL examples and prompts the settings ask for (`examples.held_out`)."""
     seq = s.seq_length or min(m.shape.seq_length for m in members)
-    need = max(s.ppl_windows if s.wants("ppl") else 0, s.kl_windows if s.wants("kl") else 0,
-               s.prompts if s.wants("specdec") else 0)
-    if need == 0:
-        return [], seq
+    if s.kl_on not in KL_UNITS:
+        raise UserError(f"kl_on {s.kl_on!r}: expected one of {', '.join(KL_UNITS)} (--kl-on)")
+    counts = {"ppl": s.ppl_windows if s.wants("ppl") else 0, "kl": s.kl_examples if s.wants("kl") else 0,
+              "prompts": s.prompts if s.wants("specdec") else 0}
+    if not any(counts.values()):
+        return HeldOut(seq_length=seq)
     if bool(s.data) == bool(s.text):
         raise UserError("give the held-out data with exactly one of --data PREFIX (NeoX .bin/.idx) or --text FILE "
                         "(.jsonl with a 'text' key, or plain text)")
-    if s.data:
-        docs = mmap_documents(s.data)
-    else:
-        tok = members[0].tokenizer
-        docs = text_documents(s.text, tok.encode, tok.eot_id)
-    windows = list(token_windows(docs, seq + 1, need))
-    if len(windows) < need:
-        src = s.data or s.text
-        raise UserError(f"{src} holds {len(windows)} windows of {seq + 1} tokens but {need} are needed; use more "
-                        "data, a smaller --seq-length, or fewer --ppl-windows/--kl-windows/--prompts")
-    return windows, seq
+    tok = members[0].tokenizer if (s.text or members[0].has_tokenizer()) else None
+    eod = tok.eot_id if tok is not None else None
+    docs = Documents.from_mmap(s.data) if s.data else Documents.from_text(s.text, tok.encode, eod)
+    return held_out(docs, seq, ppl=counts["ppl"], kl=counts["kl"], kl_on=s.kl_on, prompts=counts["prompts"],
+                    prompt_tokens=s.prompt_tokens, seed=s.seed, eod=eod)
 
 
 def _device(name: str) -> torch.device:
@@ -114,38 +115,40 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _batches(windows: list[np.ndarray], n: int, batch: int, device) -> list[torch.Tensor]:
-    w = windows[:n]
-    return [torch.as_tensor(np.stack(w[i:i + batch])[:, :-1], device=device) for i in range(0, len(w), batch)]
-
-
 def specdec_eval(draft, target, prompts: list[list[int]], s: EvalSettings, vocab: int, device) -> dict:
+    """Per mode: acceptance, mean accepted length per round, wall time per prompt with and without the draft."""
     out = {}
     for mode in s.modes:
         temp = 0.0 if mode == "greedy" else s.temperature
-        speculative_generate(draft, target, prompts[0], 4, draft_len=s.draft_len, temperature=temp,
-                             generator=torch.Generator(device).manual_seed(s.seed), vocab_size=vocab)  # warm-up
+        warm = torch.Generator(device).manual_seed(s.seed)
+        speculative_generate(draft, target, prompts[0], 4, draft_len=s.draft_len, temperature=temp, generator=warm,
+                             vocab_size=vocab)
+        target_generate(target, prompts[0], 4, temperature=temp, generator=warm, vocab_size=vocab)
         g = torch.Generator(device).manual_seed(s.seed)
         spec = [speculative_generate(draft, target, p, s.new_tokens, draft_len=s.draft_len, temperature=temp,
                                      generator=g, vocab_size=vocab) for p in prompts]
         g = torch.Generator(device).manual_seed(s.seed)
         alone = [target_generate(target, p, s.new_tokens, temperature=temp, generator=g, vocab_size=vocab) for p in prompts]
-        drafted, accepted = sum(r.drafted for r in spec), sum(r.accepted for r in spec)
+        drafted, accepted, rounds = (sum(getattr(r, k) for r in spec) for k in ("drafted", "accepted", "rounds"))
         t_spec, t_alone = sum(r.seconds for r in spec), sum(r.seconds for r in alone)
-        out[mode] = {"acceptance_rate": accepted / drafted if drafted else None, "drafted": drafted, "accepted": accepted,
-                     "rounds": sum(r.rounds for r in spec), "seconds_per_prompt": t_spec / len(prompts),
-                     "target_seconds_per_prompt": t_alone / len(prompts), "speedup": t_alone / t_spec if t_spec else None,
-                     "temperature": temp}
+        out[mode] = {"acceptance_rate": accepted / drafted if drafted else None,
+                     "mean_accepted_length": 1 + accepted / rounds if rounds else None,
+                     "drafted": drafted, "accepted": accepted, "rounds": rounds, "prompts": len(prompts),
+                     "seconds_per_prompt": t_spec / len(prompts), "target_seconds_per_prompt": t_alone / len(prompts),
+                     "speedup": t_alone / t_spec if t_spec else None, "temperature": temp, "draft_len": s.draft_len,
+                     "dtype": s.dtype, "device": str(device),
+                     "per_prompt": {"drafted": [r.drafted for r in spec], "accepted": [r.accepted for r in spec],
+                                    "rounds": [r.rounds for r in spec]}}
         if mode == "greedy":
             out[mode]["same_as_target"] = all(a.tokens == b.tokens for a, b in zip(spec, alone))
     return out
 
 
-def member_eval(m: Member, model, windows, s: EvalSettings, task_set, device, raw: dict) -> dict:
+def member_eval(m: Member, model, held: HeldOut, s: EvalSettings, task_set, device, raw: dict) -> dict:
     entry = m.describe()
     if s.wants("ppl"):
         with tqdm(total=s.ppl_windows, desc=f"perplexity {m.label}", disable=s.quiet, file=sys.stderr) as bar:
-            entry["perplexity"] = perplexity(model, windows[:s.ppl_windows], batch_size=s.batch_size,
+            entry["perplexity"] = perplexity(model, held.windows[:s.ppl_windows], batch_size=s.batch_size,
                                              progress=bar.update).to_dict()
     if s.wants("tasks"):
         from neox_progressive.eval.harness import flat_metrics
@@ -159,17 +162,20 @@ def member_eval(m: Member, model, windows, s: EvalSettings, task_set, device, ra
     return entry
 
 
-def pair_eval(a: Member, b: Member, windows, s: EvalSettings, device) -> dict:
+def pair_eval(a: Member, b: Member, held: HeldOut, s: EvalSettings, device) -> dict:
     vocab = check_same_vocabulary(a, b)
     small, large = a.load(device, s.dtype), b.load(device, s.dtype)
     entry: dict = {"small": a.name, "large": b.name}
     if s.wants("kl"):
-        with tqdm(total=s.kl_windows, desc=f"KL {a.label} || {b.label}", disable=s.quiet, file=sys.stderr) as bar:
-            entry["kl"] = pair_kl(small, large, _batches(windows, s.kl_windows, s.batch_size, device), vocab_size=vocab,
-                                  vocab_chunk=s.vocab_chunk, progress=bar.update).to_dict()
+        n = len(held.kl_examples)
+        with tqdm(total=n, desc=f"KL {a.label} || {b.label}", disable=s.quiet, file=sys.stderr) as bar:
+            res = examples_kl(small, large, held.kl_examples, batch_size=s.batch_size, vocab_size=vocab,
+                              vocab_chunk=s.vocab_chunk, unit=s.kl_on, progress=bar.update)
+        entry["kl"] = res.to_dict()
+        entry["kl"]["per_example"]["source"] = held.kl_source
     if s.wants("specdec"):
-        prompts = [w[:s.prompt_tokens].tolist() for w in windows[:s.prompts]]
-        entry["specdec"] = specdec_eval(small, large, prompts, s, vocab, device)
+        entry["specdec"] = specdec_eval(small, large, held.prompts, s, vocab, device)
+        entry["specdec_prompt_source"] = held.prompt_source
     return entry
 
 
@@ -187,21 +193,22 @@ def evaluate_family(members: list[Member], s: EvalSettings, log: Callable[[str],
 
         task_set = TaskSet(s.include_paths)
         task_set.check(s.tasks)  # unknown tasks and missing datasets stop us before any model work
-    windows, seq = load_windows(members, s)
+    held = load_held_out(members, s)
     device = _device(s.device)
     raw = {} if raw is None else raw
     results: dict = {"neox_progressive_version": __version__, "created": dt.datetime.now().isoformat(timespec="seconds"),
-                     "settings": {**dataclasses.asdict(s), "seq_length": seq, "device": str(device),
-                                  "data": s.data or s.text}, "families": {}, "cross_pairs": []}
+                     "settings": {**dataclasses.asdict(s), "seq_length": held.seq_length, "device": str(device),
+                                  "data": s.data or s.text, "documents": held.documents, "eod_id": held.eod},
+                     "families": {}, "cross_pairs": []}
     for fam, ms in families.items():
         fam_out: dict = {"members": [], "pairs": []}
         results["families"][fam] = fam_out
         prev = None
         for m in ms:
             log(f"member {m.label}: {m.shape.num_layers} layers, hidden {m.shape.hidden_size}")
-            fam_out["members"].append(member_eval(m, m.load(device, s.dtype), windows, s, task_set, device, raw))
+            fam_out["members"].append(member_eval(m, m.load(device, s.dtype), held, s, task_set, device, raw))
             if prev is not None and (s.wants("kl") or s.wants("specdec")):
-                fam_out["pairs"].append(pair_eval(prev, m, windows, s, device))
+                fam_out["pairs"].append(pair_eval(prev, m, held, s, device))
             if prev is not None:
                 prev.unload()
             prev = m
@@ -210,7 +217,7 @@ def evaluate_family(members: list[Member], s: EvalSettings, log: Callable[[str],
     for a, b, cross in pairs:
         if cross and (s.wants("kl") or s.wants("specdec")):
             log(f"cross-family pair {a.label} -> {b.label}")
-            entry = pair_eval(a, b, windows, s, device)
+            entry = pair_eval(a, b, held, s, device)
             results["cross_pairs"].append({**entry, "draft": a.label, "target": b.label})
             a.unload()
             b.unload()

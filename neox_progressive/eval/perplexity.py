@@ -1,4 +1,4 @@
-"""Validation perplexity on held-out data in NeoX's format, and the token windows every metric uses.
+"""Validation perplexity on held-out data in NeoX's format, and the token windows it (and KL in window mode) uses.
 
 NeoX's validation loss (megatron/training.py `evaluate`) is the mean next-token cross entropy
 over `eval_iters` batches of samples of `seq_length + 1` tokens, cut from the documents of the
@@ -57,28 +57,6 @@ def mmap_documents(prefix: str | Path) -> Iterator[np.ndarray]:
     ds = MMapDataset(prefix)
     for i in range(len(ds)):
         yield np.asarray(ds[i])
-
-
-def text_documents(path: str | Path, encode, eod: int | None = None) -> Iterator[list[int]]:
-    """Documents of a .jsonl (`text` key) or plain text file, tokenized with `encode`, each followed by
-    `eod` when given (NeoX's preprocess_data.py --append-eod)."""
-    import json
-
-    path = Path(path)
-    tail = [] if eod is None else [eod]
-    if not path.is_file():
-        raise UserError(f"text file {str(path)!r} does not exist")
-    if path.suffix != ".jsonl":
-        yield encode(path.read_text(encoding="utf-8")) + tail
-        return
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    doc = encode(json.loads(line)["text"]) + tail
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise UserError(f"{path}:{n}: expected a JSON object with a 'text' string") from None
-                yield doc
 
 
 @dataclass

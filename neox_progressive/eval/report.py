@@ -1,10 +1,12 @@
 """The family report: report.json (everything measured), report.md (the paper's tables), PNG plots.
 
 Tables follow Yano et al. 2025: per member validation perplexity and task scores with every
-family side by side (Tables 1-3), KL(p_small || p_large) between adjacent members per family
-(Table 4), and speculative decoding with the smaller member drafting for the larger one:
-KL, acceptance rate and generation time against the target alone (Table 5). matplotlib is
-optional: without it the plots are skipped and report.md says so.
+family side by side (Tables 1-3), the KL between adjacent members per family (Table 4; headline
+KL(p_small || p_large), our reading of App. F, with the reverse direction, top-1 agreement and the
+per-example distribution next to it), speculative decoding with the smaller member drafting for
+the larger one: KL, acceptance rate, mean accepted length, generation time against the target
+alone (Table 5); and which of the paper's consistency findings the run reproduces
+(`findings.py`). matplotlib is optional: without it the plots are skipped and report.md says so.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import json
 import math
 from pathlib import Path
 from typing import Any
+
+from neox_progressive.eval.findings import findings_lines
 
 SKIP_METRICS = ("sample_len",)
 
@@ -82,7 +86,7 @@ def _pairs(results: dict) -> list[dict]:
 
 
 def kl_table(results: dict) -> str:
-    """Table 4 style: rows = adjacent pairs, columns = families."""
+    """Table 4 style: rows = adjacent pairs, columns = families (headline direction)."""
     fams = list(results["families"])
     names: list[str] = []
     for fam in results["families"].values():
@@ -97,17 +101,47 @@ def kl_table(results: dict) -> str:
     return _table(["Pair (small → large)"] + [f"KL {f}" for f in fams], rows)
 
 
+def kl_detail_table(results: dict) -> str:
+    """Per pair: both directions, top-1 agreement, the per-example distribution, examples and positions."""
+    rows = []
+    for p in _pairs(results):
+        kl = p.get("kl")
+        if not kl:
+            continue
+        dist, rev = kl.get("distribution") or {}, kl.get("reverse") or {}
+        top1 = kl.get("top1_agreement")
+        rows.append([p["draft"], p["target"], kl.get("kl"), rev.get("kl"), None if top1 is None else 100 * top1,
+                     dist.get("median"), dist.get("p90"), dist.get("p99"), dist.get("p99.9"), dist.get("max"),
+                     kl.get("token_mean"), kl.get("examples"), kl.get("positions")])
+    return _table(["Small", "Large", "KL(small‖large)", "KL(large‖small)", "Same top-1 (%)", "Median", "p90", "p99",
+                   "p99.9", "Max", "Token mean", "Examples", "Positions"], rows)
+
+
 def specdec_table(results: dict) -> str:
-    """Table 5 style: draft, target, KL, acceptance (greedy, sampled), time per prompt vs the target alone."""
+    """Table 5 style: draft, target, KL, acceptance, mean accepted length, time per prompt vs the target alone."""
     rows = []
     for p in _pairs(results):
         sd = p.get("specdec") or {}
         for mode, r in sd.items():
             rows.append([p["draft"], p["target"], mode, (p.get("kl") or {}).get("kl"),
                          None if r.get("acceptance_rate") is None else 100 * r["acceptance_rate"],
-                         r.get("seconds_per_prompt"), r.get("target_seconds_per_prompt"), r.get("speedup")])
-    return _table(["Draft", "Target", "Mode", "KL", "Acceptance (%)", "Time (s/prompt)", "Target alone (s/prompt)",
-                   "Speedup"], rows)
+                         r.get("mean_accepted_length"), r.get("seconds_per_prompt"), r.get("target_seconds_per_prompt"),
+                         r.get("speedup"), r.get("prompts")])
+    return _table(["Draft", "Target", "Mode", "KL", "Acceptance (%)", "Mean accepted length", "Time (s/prompt)",
+                   "Target alone (s/prompt)", "Speedup", "Prompts"], rows)
+
+
+def _kl_text(s: dict, results: dict) -> str:
+    unit = s.get("kl_on", "windows")
+    what = (f"{s.get('kl_examples', '?')} validation documents sampled with seed {s.get('seed', '?')} (each: the "
+            f"end-of-document token, then the document, truncated to {s.get('seq_length', '?')} tokens)"
+            if unit == "documents" else f"the first {s.get('kl_examples', '?')} windows of {s.get('seq_length', '?')} "
+            "tokens of the validation stream (they cross document boundaries)")
+    return ("KL per token position over the tokenizer's vocabulary, averaged over the positions of an example, "
+            f"then over examples (App. F). Examples (`kl_on: {unit}`): {what}. Headline direction KL(p_small ‖ "
+            "p_large): our reading of App. F, whose formula did not survive in the paper text we have (the smaller, "
+            "draft member judged against the larger reference); KL(p_large ‖ p_small) is next to it. Lower = more "
+            "consistent family. Per-example values are in report.json.")
 
 
 def render_markdown(results: dict, plots: list[str] | None = None, plot_note: str | None = None) -> str:
@@ -120,29 +154,37 @@ def render_markdown(results: dict, plots: list[str] | None = None, plot_note: st
         "",
         "## Members (paper Tables 1-3)",
         "",
-        f"Validation: {s.get('ppl_windows', '?')} windows of {s.get('seq_length', '?')} tokens "
-        f"({s.get('data', 'no data')}); lm-eval tasks: {', '.join(s.get('tasks') or []) or 'none'}"
+        f"Validation loss: the first {s.get('ppl_windows', '?')} windows of {s.get('seq_length', '?')} + 1 tokens "
+        f"of {s.get('data', 'no data')} in file order (NeoX's validation samples, unshuffled; a training run's own "
+        "validation loss averages its eval_iters x global batch first samples, so it differs when that count "
+        f"differs); lm-eval tasks: {', '.join(s.get('tasks') or []) or 'none'}"
         + (f" (limit {s['limit']})" if s.get("limit") else "") + ".",
         "",
         members_table(results),
         "",
         "## KL divergence between adjacent members (paper Table 4, App. F)",
         "",
-        "KL(p_small || p_large) per token position over the tokenizer's vocabulary, averaged over the positions "
-        f"of an example, then over {s.get('kl_windows', '?')} examples. Lower = more consistent family.",
+        _kl_text(s, results),
         "",
         kl_table(results),
+        "",
+        kl_detail_table(results),
         "",
         "## Speculative decoding (paper Table 5)",
         "",
         f"The smaller member drafts {s.get('draft_len', '?')} tokens per round for the larger one; "
-        f"{s.get('prompts', '?')} prompts of {s.get('prompt_tokens', '?')} tokens, {s.get('new_tokens', '?')} new tokens "
-        f"each, batch size 1. Acceptance = accepted / proposed draft tokens. Sampled mode: temperature "
+        f"{s.get('prompts', '?')} prompts of {s.get('prompt_tokens', '?')} tokens (the start of validation documents "
+        f"sampled with seed {s.get('seed', '?')}), {s.get('new_tokens', '?')} new tokens each, batch size 1, "
+        f"{s.get('dtype', '?')} on {s.get('device', '?')}. Acceptance = accepted / proposed draft tokens; mean accepted "
+        "length = tokens per target forward pass = 1 + accepted / rounds. Sampled mode: temperature "
         f"{s.get('temperature', '?')}. Time is wall time per prompt; Speedup = target alone / speculative.",
         "",
         specdec_table(results),
         "",
     ]
+    found = findings_lines(results)
+    if found:
+        parts += ["## The paper's consistency findings in this run", "", *found, ""]
     if plots:
         parts += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
     elif plot_note:

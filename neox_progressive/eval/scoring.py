@@ -23,6 +23,14 @@ def chunk_rows(vocab: int, chunk: int | None = None, device: torch.device | str 
     return chunk if chunk else max(16, budget // (4 * vocab))
 
 
+def block_shape(vocab: int, rows: int | None = None, cols: int | None = None,
+                device: torch.device | str = "cpu") -> tuple[int, int]:
+    """(rows, vocabulary columns) of one KL logits block: `rows` or what fits in CHUNK_BYTES, `cols` or the whole
+    vocabulary."""
+    cols = min(vocab, cols or vocab)
+    return chunk_rows(cols, rows, device), cols
+
+
 def trunk(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
     """Hidden states after the final norm, [B, T, h]: the model's forward pass without the head."""
     return model.hidden(tokens)

@@ -64,10 +64,21 @@ def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(logits / temperature, dim=-1)
 
 
+def _sample(probs: torch.Tensor, generator) -> int:
+    """One draw from a probability vector (every random token choice goes through here)."""
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _accept(p_x: float, q_x: float, generator, device) -> bool:
+    """Keep a draft token x ~ q with probability min(1, p(x) / q(x)) (the only other random draw)."""
+    r = float(torch.rand((), generator=generator, device=device))
+    return r * q_x < p_x  # r < p/q without dividing by a zero q
+
+
 def _pick(logits: torch.Tensor, temperature: float, generator) -> int:
     if temperature == 0:
         return int(logits.argmax())
-    return int(torch.multinomial(_probs(logits, temperature), 1, generator=generator))
+    return _sample(_probs(logits, temperature), generator)
 
 
 def _vocab(model: Transformer, vocab_size: int | None) -> int:
@@ -118,17 +129,16 @@ def verify(draft_tokens: list[int], p: torch.Tensor, q: torch.Tensor | None, tem
         return n, best[n]
     pp = _probs(p, temperature)
     if k == 0:
-        return 0, int(torch.multinomial(pp[0], 1, generator=generator))
+        return 0, _sample(pp[0], generator)
     qq = _probs(q, temperature)
     for i, d in enumerate(draft_tokens):
-        r = float(torch.rand((), generator=generator, device=p.device))
-        if r * float(qq[i, d]) < float(pp[i, d]):  # r < p/q without dividing by a zero q
+        if _accept(float(pp[i, d]), float(qq[i, d]), generator, p.device):
             continue
         residual = torch.clamp(pp[i] - qq[i], min=0)
         if float(residual.sum()) <= 0:  # p == q up to rounding: any p sample is exact
             residual = pp[i]
-        return i, int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
-    return k, int(torch.multinomial(pp[k], 1, generator=generator))
+        return i, _sample(residual / residual.sum(), generator)
+    return k, _sample(pp[k], generator)  # all k kept: the bonus token, from the target at position k + 1
 
 
 @torch.no_grad()

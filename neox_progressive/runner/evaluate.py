@@ -1,7 +1,7 @@
 """The run's last step: evaluate the trained family (or both families) into `<output_dir>/report/`.
 
 The family file's `eval` block gives the settings of `neox_progressive.eval.EvalSettings` by name
-(tasks, kl_windows, prompts, draft_len, ...); the held-out data is the family's validation data.
+(tasks, kl_examples, kl_on, prompts, draft_len, ...); the held-out data is the family's validation data.
 Like every step it is recorded in a state file (`<output_dir>/eval_state.json`) with the digests
 of the checkpoints it scored, so it reruns only when a member changed.
 """
