@@ -157,18 +157,13 @@ class CheckpointReader:
         return shape
 
     def _check_sizes(self, shape: ModelShape) -> None:
-        """The embedding's and first layer's tensor shapes against the config's (memory-mapped: no data read), so a
-        config that does not describe the checkpoint is named as such before anything is planned from it."""
+        """The embedding's and first layer's keys and tensor shapes against the config's (memory-mapped: no data read),
+        so a config that does not describe the checkpoint is named as such before anything is planned from it."""
         want = arch.neox_file_shapes(shape)
         for index in (arch.embed_index(), arch.layer_index(0)):
             for t, sd in enumerate(self.file_state(index)):
-                for k, s in want[index].items():
-                    if k in sd and tuple(sd[k].shape) != s:
-                        where = self.layer_files.get((index, t), self.mp_files.get(t))
-                        raise UserError(f"{where}: {k} has shape {tuple(sd[k].shape)} but the config given for this "
-                                        f"checkpoint implies {s}; the config (hidden_size {shape.hidden_size}, heads "
-                                        f"{shape.num_heads}/{shape.num_kv_heads}, FFN {shape.ffn_size}) does not describe "
-                                        "it: pass the config the checkpoint was trained with")
+                _compare(self.layer_files.get((index, t), self.mp_files.get(t)), arch.modern_keys(sd, shape),
+                         want[index], shape)
 
     def _describe_layers(self) -> str:
         idx = self.layer_indices
@@ -233,21 +228,7 @@ class CheckpointReader:
         want = arch.neox_file_shapes(shape)[index]
         ranks = [arch.modern_keys(sd, shape) for sd in self.file_state(index)]
         for t, sd in enumerate(ranks):
-            where = self.layer_files.get((index, t), self.mp_files.get(t))
-            missing = sorted(set(want) - set(sd))
-            extra = sorted(set(sd) - set(want))
-            if missing or extra:
-                raise UserError(
-                    f"{where}: keys do not match the config (missing {missing}, unexpected {extra}); "
-                    f"{_key_hint(missing, extra)}"
-                )
-            for k, s in want.items():
-                if tuple(sd[k].shape) != s:
-                    raise UserError(
-                        f"{where}: {k} has shape {tuple(sd[k].shape)} but the config implies {s}; "
-                        "the config (hidden size, heads, kv heads, FFN width, activation, positions, TP) does not "
-                        "match the checkpoint"
-                    )
+            _compare(self.layer_files.get((index, t), self.mp_files.get(t)), sd, want, shape)
         return ranks
 
     def part(self, part: str) -> dict[str, torch.Tensor]:
@@ -291,6 +272,22 @@ class CheckpointReader:
         sd.update(self.part("final_norm"))
         sd.update(self.part("head"))
         return sd
+
+
+def _compare(where, sd: dict[str, torch.Tensor], want: dict[str, tuple], shape: ModelShape) -> None:
+    """UserError unless the keys of one file's state dict `sd` are `want`'s and every tensor has its shape."""
+    missing = sorted(set(want) - set(sd))
+    extra = sorted(set(sd) - set(want))
+    if missing or extra:
+        raise UserError(f"{where}: keys do not match the config (missing {missing}, unexpected {extra}); "
+                        f"{_key_hint(missing, extra)}")
+    for k, s in want.items():
+        if tuple(sd[k].shape) != s:
+            raise UserError(f"{where}: {k} has shape {tuple(sd[k].shape)} but the config given for this checkpoint "
+                            f"implies {s}; the config (hidden_size {shape.hidden_size}, heads {shape.num_heads}/"
+                            f"{shape.num_kv_heads}, FFN {shape.ffn_size}, activation {shape.activation}, positions "
+                            f"{shape.pos_emb}, TP {shape.tp}) does not describe it: pass the config the checkpoint was "
+                            "trained with")
 
 
 def _key_hint(missing: list[str], extra: list[str]) -> str:
