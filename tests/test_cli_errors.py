@@ -64,7 +64,7 @@ def test_nonfinite_source_is_refused_by_expand_and_export(tmp_path, ck):
     msg = refused(d, *expand_args(src="nan"))
     assert "layer_03-model_00-model_states.pt: attention.query_key_value.weight has 3 non-finite value(s) (NaN and Inf)" \
         in msg and "--allow-nonfinite" in msg
-    msg = refused(d, "export-hf", "nan", "--config", "src.yml", "--out", "hf", "--quiet")
+    msg = refused(d, "export-hf", "nan", "--config", "src.yml", "--out", "hf", "--no-tokenizer", "--quiet")
     assert "layer_03-model_00-model_states.pt: attention.query_key_value.weight has 3 non-finite" in msg
 
 
@@ -133,7 +133,7 @@ def test_out_under_a_file_or_out_a_file(tmp_path, ck):
     assert "afile is a file, so no directory can be created there" in msg
     msg = refused(d, *expand_args(out="afile"), "--force")
     assert "--out afile exists and is a file, not a directory" in msg
-    msg = refused(d, "export-hf", "src", "--config", "src.yml", "--out", "afile/hf", "--quiet")
+    msg = refused(d, "export-hf", "src", "--config", "src.yml", "--out", "afile/hf", "--no-tokenizer", "--quiet")
     assert "afile is a file" in msg
 
 
@@ -152,7 +152,7 @@ def test_mixed_dtype_layer_files_are_refused(tmp_path, ck):
     msg = refused(d, *expand_args(src="mixed"))
     assert "layer_03-model_00-model_states.pt: input_layernorm.scale is float16 but the checkpoint's embedding is " \
            "float32" in msg
-    msg = refused(d, "export-hf", "mixed", "--config", "src.yml", "--out", "hf", "--quiet")
+    msg = refused(d, "export-hf", "mixed", "--config", "src.yml", "--out", "hf", "--no-tokenizer", "--quiet")
     assert "is float16 but the checkpoint's embedding is float32" in msg
 
 
@@ -220,9 +220,10 @@ def test_plan_refuses_what_generate_configs_and_run_refuse(tmp_path):
     from family_util import tiny_family
 
     fam = tiny_family()
-    fam["members"][0]["num_kv_heads"] = 2  # 4 heads / 2 KV -> 6/6 cannot be grown (no GQA layout maps it)
-    fam["members"][1]["num_kv_heads"] = 6
-    fam["members"][2]["num_kv_heads"] = 8
+    fam["members"][0]["num_kv_heads"] = 2  # 4 heads / 2 KV -> 6/3 with kv_fixed (KV heads kept): cannot be grown
+    fam["members"][1]["num_kv_heads"] = 3
+    fam["members"][2]["num_kv_heads"] = 4
+    fam["expansion"] = {**fam.get("expansion", {}), "gqa_layout": "kv_fixed"}
     (tmp_path / "fam.yml").write_text(yaml.safe_dump(fam))
     for verb in (["plan", "fam.yml"], ["generate-configs", "fam.yml", "--out", "configs"]):
         msg = refused(tmp_path, *verb)

@@ -80,7 +80,7 @@ def test_read_only_destinations(tmp_path, ck, fam):
     ro = tmp_path / "ro"
     for args, what in [
         (expand_args(ck, ro / "out"), f"--out {ro / 'out'}: {ro} is on a read-only file system"),
-        (["export-hf", ck / "src", "--config", ck / "src.yml", "--out", ro / "hf", "--quiet"], f"{ro} is on a read-only"),
+        (["export-hf", ck / "src", "--config", ck / "src.yml", "--out", ro / "hf", "--no-tokenizer", "--quiet"], f"{ro} is on a read-only"),
         (["eval", "--member", f"s={ck / 'src'}:{ck / 'src.yml'}", "--text", ck / "src.yml", "--out", ro / "report"],
          f"--out {ro / 'report'}: {ro} is on a read-only file system"),
     ]:
@@ -113,7 +113,7 @@ def test_a_disk_that_fills_up_while_writing(tmp_path, ck, verb):
         need, args = plan.total_bytes, expand_args(ck, full / "out")
     else:
         need = plan.src.param_count() * 4
-        args = ["export-hf", ck / "src", "--config", ck / "src.yml", "--out", full / "out", "--quiet"]
+        args = ["export-hf", ck / "src", "--config", ck / "src.yml", "--out", full / "out", "--no-tokenizer", "--quiet"]
     # free: the tensor bytes and one page for the lock file, rounded up to whole pages
     res = in_namespace(full, "size=2m", *args, before=fill_to(full, need + 4097), after=f"ls -A {full}")
     msg = one_line_error(res)
@@ -125,14 +125,14 @@ def test_a_disk_that_fills_up_while_writing(tmp_path, ck, verb):
 # ---- one writer per output: two real processes ---------------------------------------------------------------------
 WAIT_IN_EXPANSION = """
 import pathlib, time
-import neox_progressive.expand.ops as ops
-_widen = ops.widen_layer
-def widen_layer(*a, **k):
+from neox_progressive.expand import rules
+_reads = rules.RULES["reads_hidden"]
+def reads_hidden(*a, **k):  # the first layer tensor waits until the test says go
     pathlib.Path({ready!r}).touch()
     while not pathlib.Path({go!r}).exists():
         time.sleep(0.05)
-    return _widen(*a, **k)
-ops.widen_layer = widen_layer
+    return _reads(*a, **k)
+rules.RULES["reads_hidden"] = reads_hidden
 """
 
 
