@@ -51,6 +51,7 @@ MOE_KEYS = ("num_local_experts", "num_experts", "moe_intermediate_size", "num_ex
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                "gpt_neox": GPT_NEOX.name}
 """`model_type` -> architecture, for a config.json without `architectures` (a config saved on its own)."""
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 HF_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 
@@ -205,6 +206,20 @@ def check_same_model(hf: ModelShape, neox: ModelShape, where: str | Path) -> Mod
     return neox.replace(padded_vocab_size=hf.padded_vocab_size)
 
 
+def _check_shape(path: Path, key: str, got: tuple[int, ...], want: tuple[int, ...]) -> None:
+    if got != want:
+        raise UserError(f"{path}: {key} has shape {got} but config.json implies {want} (hidden_size, heads, "
+                        "intermediate_size, vocab_size); the weights do not match config.json")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 class HFReader:
     """Read an HF model directory lazily as logical tensors (the interface of `CheckpointReader`).
 
@@ -288,15 +303,8 @@ class HFReader:
         return sorted(set(self.weight_map.values()))
 
     def sha256(self) -> dict[str, str]:
-        """sha256 of every weight file and config.json, by file name."""
-        out = {}
-        for p in [self.config_path, *self.files()]:
-            h = hashlib.sha256()
-            with p.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    h.update(block)
-            out[p.name] = h.hexdigest()
-        return out
+        """sha256 of config.json and every weight file, by file name (reads every byte: slow on big models)."""
+        return {p.name: sha256_file(p) for p in [self.config_path, *self.files()]}
 
     # ---- keys and shapes -----------------------------------------------------------------------
     def _table(self, part: str, i: int | None = None) -> dict[str, tuple[str, ...]]:
@@ -340,12 +348,29 @@ class HFReader:
         if missing:
             raise UserError(f"{self.dir}: weight {missing[0]!r} is missing ({len(missing)} missing in all) but "
                             f"config.json ({self.arch_name}) needs it; the weights do not match config.json")
+        self._check_shapes({k: v for t in tables for k, v in self._expected(t).items()})
         known = {a for k in need for a in self._aliases(k)} | {self._head_key(), "lm_head.weight"}
         extra = [k for k in self.weight_map if k not in known and not k.endswith(BUFFERS)]
         if extra:
             raise UserError(f"{self.dir}: weight {extra[0]!r} ({len(extra)} unknown in all) is not part of "
                             f"{self.arch_name} as config.json describes it (NeoX would drop it); check config.json "
                             "(attention_bias, mlp_bias, num_hidden_layers) against the weights")
+
+    def _check_shapes(self, want: dict[str, tuple[int, ...]]) -> None:
+        """Every tensor's shape from the safetensors headers (no data read), so a wrong shard fails before writing;
+        .bin files are checked as they are read."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for key in want:
+            by_file.setdefault(self.weight_map[self._find(key)], []).append(key)
+        for path, keys in by_file.items():
+            if path.suffix != ".safetensors":
+                continue
+            with safe_open(str(path), framework="pt") as f:
+                names = set(f.keys())
+                for k in keys:
+                    _check_shape(path, k, tuple(f.get_slice(self._in(k, names, path)).get_shape()), want[k])
 
     # ---- reading -------------------------------------------------------------------------------
     def _read(self, table: dict[str, tuple[str, ...]]) -> dict[str, torch.Tensor]:
@@ -366,10 +391,7 @@ class HFReader:
                 sd = self._bin(path)
                 got = {k: sd[self._in(k, set(sd), path)] for k in keys}
             for k, t in got.items():
-                if tuple(t.shape) != want[k]:
-                    raise UserError(f"{path}: {k} has shape {tuple(t.shape)} but config.json implies {want[k]} "
-                                    "(hidden_size, heads, intermediate_size, vocab_size); the weights do not match "
-                                    "config.json")
+                _check_shape(path, k, tuple(t.shape), want[k])
             if not self.allow_nonfinite:
                 finite.check_finite(got, path)
             out.update(got)
@@ -431,5 +453,13 @@ class HFReader:
         return sd
 
     def dtype(self) -> torch.dtype:
-        """The dtype of the stored embedding (no data read for safetensors)."""
-        return self.part("embed")["embed.weight"].dtype
+        """The dtype of the stored embedding (from the safetensors header: no data read)."""
+        key = self._find(next(iter(self._table("embed"))))
+        path = self.weight_map[key]
+        if path.suffix != ".safetensors":
+            return self._bin(path)[key].dtype
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            name = f.get_slice(key).get_dtype()
+        return SAFETENSORS_DTYPES.get(name) or self.part("embed")["embed.weight"].dtype
