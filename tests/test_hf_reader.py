@@ -73,6 +73,8 @@ def test_vocab_padding_choice():
     assert divisible_by_for(96, 1) == 32 and divisible_by_for(128256, 1) == 128 and divisible_by_for(151936, 2) == 64
     assert divisible_by_for(96, 2, tokenizer_size=70) == 16  # 70 -> 96 at TP 2 with 16 (32 would pad to 128)
     assert divisible_by_for(50, 1) == 2
+    assert divisible_by_for(151936, 1, tokenizer_size=151665) == 151936  # Qwen2: no power of two pads 151665 there
+    assert divisible_by_for(384, 1, tokenizer_size=300) == 128 and divisible_by_for(384, 1, tokenizer_size=250) == 384
 
 
 def _cfg(name, **over):

@@ -226,6 +226,7 @@ class HFReader:
     Args:
         hf_dir: a directory with config.json and safetensors (or pytorch_model*.bin) weights.
         shape: the NeoX config's shape; checked against config.json (`check_same_model`), its TP/PP kept.
+        shape_from: where `shape` came from (the YAML file), for the messages.
         tp, pp: TP degree and pipe_parallel_size of the shape when no `shape` is given.
         allow_nonfinite: hand out NaN/Inf weights instead of refusing them.
     """
@@ -233,7 +234,7 @@ class HFReader:
     format = "hf"
 
     def __init__(self, hf_dir: str | Path, shape: ModelShape | None = None, *, tp: int = 1, pp: int = 1,
-                 allow_nonfinite: bool = False):
+                 allow_nonfinite: bool = False, shape_from: str = "--config"):
         self.dir = Path(hf_dir)
         self.config = read_hf_config(self.dir)
         self.config_path = self.dir / "config.json"
@@ -241,7 +242,7 @@ class HFReader:
         self.hf: HfArch = GPT_NEOX if self.arch_name == GPT_NEOX.name else LLAMA
         hf_shape = shape_from_hf_config(self.config, self.config_path, tp=shape.tp if shape else tp,
                                         pp=shape.pp if shape else pp)
-        self.shape = check_same_model(hf_shape, shape, "--config") if shape is not None else hf_shape
+        self.shape = check_same_model(hf_shape, shape, shape_from) if shape is not None else hf_shape
         self.tied = bool(self.config.get("tie_word_embeddings", False))
         self.allow_nonfinite = allow_nonfinite
         self.notes: list[str] = []
