@@ -50,6 +50,21 @@ def test_pytorch_bin_through_the_safe_loader(tmp_path):
     assert rel_err(ours(reader.shape, reader.state_dict(), x), hf_logits(model, x)) <= 1e-5
 
 
+def test_sharded_pytorch_bin_with_its_index(tmp_path):
+    model = build("gpt-neox")
+    path = tmp_path / "bins"
+    path.mkdir()
+    model.config.save_pretrained(path)
+    sd = model.state_dict()
+    names = {k: f"pytorch_model-0000{1 + ('layers.1.' in k)}-of-00002.bin" for k in sd}
+    for name in set(names.values()):
+        torch.save({k: v for k, v in sd.items() if names[k] == name}, path / name)
+    (path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": names}))
+    reader = HFReader(path)
+    x = tokens()
+    assert rel_err(ours(reader.shape, reader.state_dict(), x), hf_logits(model, x)) <= 1e-5
+
+
 def test_tied_head_is_a_copy_and_said(tmp_path):
     reader = HFReader(save(build("llama-tied"), tmp_path / "t"))
     assert reader.tied and any("copy of the embedding" in n for n in reader.notes)

@@ -75,6 +75,7 @@ def run(args) -> int:
     from neox_progressive.errors import UserError
     from neox_progressive.hf_import import import_hf, member_config, plan_import, summary
     from neox_progressive.io.atomic import check_destination
+    from neox_progressive.io.hf_reader import read_hf_config
 
     if not args.config and not args.write_config:
         raise UserError("give the member's NeoX config (--config member.yml) or let import-hf write one from "
@@ -94,7 +95,9 @@ def run(args) -> int:
         rec = summary(reader, args.out, args.dtype)
         print(json.dumps(rec, indent=1) if args.format == "json" else _describe(rec, True))
         return 0
-    with tqdm(desc="import-hf", unit="layer", disable=args.quiet, file=sys.stderr) as bar:
+    layers = read_hf_config(args.hf_dir).get("num_hidden_layers")
+    with tqdm(total=layers if isinstance(layers, int) else None, desc="import-hf", unit="layer", disable=args.quiet,
+              file=sys.stderr) as bar:
         rec = import_hf(args.hf_dir, args.out, args.config, tp=args.tp, pp=pp, dtype=args.dtype,
                         write_config=args.write_config, force=args.force, allow_nonfinite=args.allow_nonfinite,
                         progress=lambda i: bar.update(1))
