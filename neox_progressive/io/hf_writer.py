@@ -185,6 +185,10 @@ class HFWriter:
             table, prefix = self.hf.layer, self.hf.layer_prefix.format(i=layer)
         else:
             table, prefix = self.hf.globals, ""
+        used = {s for sources in table.values() for s in sources}
+        for key, t in tensors.items():  # a tensor the architecture lacks (Qwen2's o bias) must be zero
+            if key not in used and bool(t.any()):
+                raise RuntimeError(f"{prefix}{key}: {self.hf.name} has no such tensor and it is not zero")
         for key, t in hf.hf_tensors(tensors, table, self.shape, self.hf).items():
             self._put(prefix + key, t)
 
