@@ -189,7 +189,7 @@ def main() -> None:
     src_w, dst_w, layers, dst_layers, fields, label = ARCHS[args.arch]
     args.layers, args.dst_layers = args.layers or layers, args.dst_layers or dst_layers
     hf_format = args.format == "hf"
-    work = Path(args.work) / (args.arch + ("-hf" if hf_format else ""))
+    work = Path(args.work) / f"{args.arch}{'-hf' if hf_format else ''}-{args.layers}"  # a kept source is reused
     work.mkdir(parents=True, exist_ok=True)
     src, dst = shape_of(src_w, args.layers, fields), shape_of(dst_w, args.dst_layers, fields)
     src_yml, dst_yml = write_yaml(work / "src.yml", src), write_yaml(work / "dst.yml", dst)

@@ -242,3 +242,39 @@ def test_nonfinite_source_is_refused_naming_the_file(tmp_path):
     before = snapshot(tmp_path)
     line = one_line_error(cli("expand", "--src", src, "--dst-config", dst, "--out", tmp_path / "out"))
     assert shard.name in line and "non-finite" in line and snapshot(tmp_path) == before
+
+
+def test_writer_takes_parts_in_any_order_and_refuses_to_finish_incomplete(tmp_path):
+    """HFWriter: parts in reverse order give byte-identical shards to parts in order, which safetensors' own loader
+    reads back as the logical tensors under transformers' names; a writer missing a part leaves nothing behind."""
+    from safetensors.torch import load_file
+    from tiny import random_sd, tiny_shape
+
+    from neox_progressive.io.hf_writer import HFWriter
+
+    shape = tiny_shape(num_kv_heads=2, num_layers=3)
+    sd = random_sd(shape)
+    parts = [("embed", None), *(("layer", i) for i in range(3)), ("final_norm", None), ("head", None)]
+
+    def write(name, order, skip=None):
+        with HFWriter(tmp_path / name, shape, torch.float32, max_shard_bytes=10_000) as w:
+            for part, i in order:
+                if (part, i) == skip:
+                    continue
+                prefix = f"layers.{i}." if part == "layer" else ""
+                w.write_part(part, {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix or part)}, i)
+        return tmp_path / name
+
+    a, b = write("a", parts), write("b", parts[::-1])
+    shards = sorted(p.name for p in a.glob("*.safetensors"))
+    assert len(shards) > 2 and all((a / n).read_bytes() == (b / n).read_bytes() for n in shards)
+    got = {k: v for n in shards for k, v in load_file(str(a / n)).items()}
+    assert torch.equal(got["model.layers.2.self_attn.k_proj.weight"], sd["layers.2.attn.k.weight"])
+    assert torch.equal(got["model.layers.0.mlp.gate_proj.weight"], sd["layers.0.mlp.gate.weight"])
+    assert torch.equal(got["lm_head.weight"], sd["head.weight"]) and len(got) == 3 * 9 + 3
+    index = json.loads((a / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(got)
+    assert index["metadata"]["total_size"] == sum(v.numel() * 4 for v in got.values())
+    with pytest.raises(RuntimeError, match="incomplete"):
+        write("c", parts, skip=("layer", 1))
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".") or "tmp" in p.name) == ["a", "b"]

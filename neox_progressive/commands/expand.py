@@ -27,6 +27,9 @@ Exactness (FPI) is decided by the norms and the added layers:
              --rms-comp is none there.
   depth      added layers are the identity only with --new-layer-init zero_out
 --dry-run and expansion.json say `exact: true|false` and why.
+An HF model directory as --src (config.json naming Llama, Mistral, Qwen2 or GPTNeoX) is grown into an HF
+directory (sharded safetensors, config.json, generation_config.json, its tokenizer files), loadable by
+AutoModelForCausalLM, with the same rules and options; --dst-config is then an HF config.json or a NeoX YAML.
 Every check (shapes only grow, head_dim, vocab, the architecture, GQA layout, TP divisibility)
 runs before anything is written; the output is written atomically.
 """
@@ -43,6 +46,7 @@ EXAMPLES = """
   neox-progressive expand --src runs/1B/checkpoints --src-config stage_1B.yml --dst-config stage_2B.yml --out runs/2B/expanded
   neox-progressive expand --src ck/global_step800 --src-config a.yml --dst-config b.yml --out x --method fpi --dry-run
   python tools/expand_neox_ckpt.py --src ck --src-config a.yml --dst-config b.yml --out x --seed 3 --quiet
+  neox-progressive expand --src hf/llama-1b --dst-config hf/llama-2b/config.json --out hf/llama-2b-grown --method fpi
 """
 
 
