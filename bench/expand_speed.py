@@ -17,8 +17,9 @@ Both use the default options (AKI, b2b). It prints:
 
 `--format hf` does the same for Hugging Face checkpoints (`expand --src HF_DIR`): the synthetic source is an
 HF directory (config.json + safetensors, written by the plugin's HFWriter), the target an HF config.json,
-the output an HF directory; the I/O floor is safetensors' `load_file` of every source shard plus
-`save_file` + fsync of tensors of the output's per-layer sizes.
+the output an HF directory; the I/O floor is safetensors' load of every source tensor (`safe_open` +
+`get_tensor(k).clone()`: get_tensor only maps the file, clone() reads it) plus `save_file` + fsync of
+tensors of the output's per-layer sizes.
 
 `--layers` / `--dst-layers` shrink the depth (same widths) when time or disk is short; the report
 says which depth ran. `--compare DIR` also times the expansion with the package of another checkout
@@ -114,13 +115,16 @@ HF_FLOOR = """
 import json, os, resource, sys, time
 from pathlib import Path
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 src, out, sizes = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
 buf = torch.randn(max(sizes) // 2).to(torch.bfloat16)
 out.mkdir(parents=True, exist_ok=True)
 t0 = time.perf_counter()
 for f in sorted(src.glob("*.safetensors")):
-    load_file(f)
+    with safe_open(str(f), framework="pt") as g:  # get_tensor maps the file lazily: clone() reads the data
+        for k in g.keys():
+            g.get_tensor(k).clone()
 for i, n in enumerate(sizes):
     p = out / f"f{i}.safetensors"
     save_file({"t": buf[: n // 2].clone()}, str(p), metadata={"format": "pt"})
