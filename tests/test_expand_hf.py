@@ -194,14 +194,16 @@ def _setup_bad(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing shard", "destination exists", "unsupported architecture",
-                                  "other target architecture", "smaller target", "src-config given", "dry run"])
+                                  "other target architecture", "smaller target", "src-config given", "dry run",
+                                  "target layer_types", "target vocab"])
 def test_bad_input_is_one_line_and_nothing_is_written(tmp_path, case):
     src, dst = _setup_bad(tmp_path)
     out = tmp_path / "out"
     args = ["expand", "--src", src, "--dst-config", dst, "--out", out]
     expect = {"missing shard": "does not exist", "destination exists": "already exists",
               "unsupported architecture": "architectures", "other target architecture": "keeps the architecture",
-              "smaller target": "only grows", "src-config given": "--src-config", "dry run": None}[case]
+              "smaller target": "only grows", "src-config given": "--src-config", "dry run": None,
+              "target layer_types": "layer_types", "target vocab": "keeps the vocabulary"}[case]
     if case == "missing shard":
         index = json.loads((src / "model.safetensors.index.json").read_text())
         (src / sorted(set(index["weight_map"].values()))[1]).unlink()
@@ -215,6 +217,10 @@ def test_bad_input_is_one_line_and_nothing_is_written(tmp_path, case):
         dst.write_text(json.dumps({**json.loads(dst.read_text()), "architectures": ["MistralForCausalLM"]}))
     elif case == "smaller target":
         dst.write_text(json.dumps({**json.loads(dst.read_text()), "intermediate_size": 32}))
+    elif case == "target layer_types":
+        dst.write_text(json.dumps({**json.loads(dst.read_text()), "layer_types": ["full_attention"] * 2}))
+    elif case == "target vocab":
+        dst.write_text(json.dumps({**json.loads(dst.read_text()), "vocab_size": 128}))
     elif case == "src-config given":
         args += ["--src-config", dst]
     else:

@@ -90,7 +90,11 @@ def target_of(reader, dst_configs: list[Path]) -> tuple[ModelShape, dict]:
         if name != reader.arch_name:
             raise UserError(f"{path}: architectures = [{name!r}] but the source is {reader.arch_name}; expansion keeps "
                             f"the architecture: use a {reader.arch_name} target config")
-        dst = shape_from_hf_config(cfg, path)
+        dst = shape_from_hf_config(cfg, path)  # refuses sliding windows, rope scaling, MoE as for a source
+        types = cfg.get("layer_types")
+        if isinstance(types, list) and len(types) != dst.num_layers:
+            raise UserError(f"{path}: layer_types has {len(types)} entries but num_hidden_layers is {dst.num_layers}; "
+                            "give one entry per layer (\"full_attention\") or drop the key")
         if dst.padded_vocab_size != src.padded_vocab_size:
             raise UserError(f"{path}: vocab_size = {dst.padded_vocab_size} but the source has {src.padded_vocab_size}; "
                             f"expansion keeps the vocabulary: set vocab_size: {src.padded_vocab_size}")
