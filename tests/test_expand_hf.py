@@ -284,3 +284,33 @@ def test_writer_takes_parts_in_any_order_and_refuses_to_finish_incomplete(tmp_pa
     with pytest.raises(RuntimeError, match="incomplete"):
         write("c", parts, skip=("layer", 1))
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".") or "tmp" in p.name) == ["a", "b"]
+
+
+LOAD_438 = """
+import json, sys, torch, transformers
+m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], torch_dtype=torch.float32).eval()
+with torch.no_grad():
+    torch.save({"version": transformers.__version__, "logits": m(torch.tensor(json.loads(sys.argv[2]))).logits}, sys.argv[3])
+"""
+
+
+@pytest.mark.neox
+def test_fpi_output_loads_in_transformers_4_38(tmp_path):
+    """NeoX's pinned transformers (4.38, in NeoX's virtualenv) loads the grown directory with the source's logits."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    py = os.environ.get("NEOX_PYTHON") or (os.environ.get("NEOX_DIR") and
+                                           Path(os.environ["NEOX_DIR"]).parent / "neox_venv" / "bin" / "python")
+    if not py or not Path(py).exists():
+        pytest.skip("NeoX's virtualenv (transformers 4.38) not found beside NEOX_DIR; set NEOX_PYTHON")
+    model, _, out, _ = grow(tmp_path, "llama-gqa", {}, (8, 4, 64, 3), dict(method="fpi", new_layer_init="zero_out"),
+                            max_shard_bytes=30_000)
+    x = tokens()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([str(py), "-c", LOAD_438, str(out), json.dumps(x.tolist()), str(tmp_path / "l.pt")], check=True,
+                   env=env, capture_output=True, text=True, timeout=300)
+    got = torch.load(tmp_path / "l.pt", weights_only=True)
+    assert got["version"].startswith("4.")
+    assert rel_err(got["logits"].float(), hf_logits(model, x)) <= TOL
