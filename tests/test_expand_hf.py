@@ -314,3 +314,11 @@ def test_fpi_output_loads_in_transformers_4_38(tmp_path):
     got = torch.load(tmp_path / "l.pt", weights_only=True)
     assert got["version"].startswith("4.")
     assert rel_err(got["logits"].float(), hf_logits(model, x)) <= TOL
+
+
+def test_a_neox_source_still_needs_its_config(tmp_path):
+    (tmp_path / "ck").mkdir()
+    before = snapshot(tmp_path)
+    line = one_line_error(cli("expand", "--src", tmp_path / "ck", "--dst-config", tmp_path / "b.yml", "--out",
+                              tmp_path / "out"))
+    assert "--src-config is required" in line and snapshot(tmp_path) == before
