@@ -39,6 +39,7 @@ VERBS = {
     "expand": "expand",
     "inspect": "inspect",
     "export-hf": "export_hf",
+    "import-hf": "import_hf",
     "eval": "eval",
     "neox-patch": "neox_patch",
 }

@@ -50,6 +50,21 @@ def test_pytorch_bin_through_the_safe_loader(tmp_path):
     assert rel_err(ours(reader.shape, reader.state_dict(), x), hf_logits(model, x)) <= 1e-5
 
 
+def test_sharded_pytorch_bin_with_its_index(tmp_path):
+    model = build("gpt-neox")
+    path = tmp_path / "bins"
+    path.mkdir()
+    model.config.save_pretrained(path)
+    sd = model.state_dict()
+    names = {k: f"pytorch_model-0000{1 + ('layers.1.' in k)}-of-00002.bin" for k in sd}
+    for name in set(names.values()):
+        torch.save({k: v for k, v in sd.items() if names[k] == name}, path / name)
+    (path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": names}))
+    reader = HFReader(path)
+    x = tokens()
+    assert rel_err(ours(reader.shape, reader.state_dict(), x), hf_logits(model, x)) <= 1e-5
+
+
 def test_tied_head_is_a_copy_and_said(tmp_path):
     reader = HFReader(save(build("llama-tied"), tmp_path / "t"))
     assert reader.tied and any("copy of the embedding" in n for n in reader.notes)
@@ -73,6 +88,8 @@ def test_vocab_padding_choice():
     assert divisible_by_for(96, 1) == 32 and divisible_by_for(128256, 1) == 128 and divisible_by_for(151936, 2) == 64
     assert divisible_by_for(96, 2, tokenizer_size=70) == 16  # 70 -> 96 at TP 2 with 16 (32 would pad to 128)
     assert divisible_by_for(50, 1) == 2
+    assert divisible_by_for(151936, 1, tokenizer_size=151665) == 151936  # Qwen2: no power of two pads 151665 there
+    assert divisible_by_for(384, 1, tokenizer_size=300) == 128 and divisible_by_for(384, 1, tokenizer_size=250) == 384
 
 
 def _cfg(name, **over):
@@ -120,12 +137,11 @@ def test_missing_shard_missing_key_and_wrong_shape_are_refused(tmp_path):
     where = path / index["weight_map"][key]
     tensors = load_file(str(where))
     save_file({**tensors, key: tensors[key][:8]}, str(where), metadata={"format": "pt"})
-    reader = HFReader(path)
     with pytest.raises(UserError, match=r"k_proj.weight has shape \(8, 32\) but config.json implies \(16, 32\)"):
-        reader.layer(0)
+        HFReader(path)  # from the header, before any data is read
     save_file({k: v for k, v in tensors.items() if k != key}, str(where), metadata={"format": "pt"})
     with pytest.raises(UserError, match="index puts 'model.layers.0.self_attn.k_proj.weight' in this file"):
-        HFReader(path).layer(0)
+        HFReader(path)
     del index["weight_map"][key]
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(UserError, match="k_proj.weight' is missing"):

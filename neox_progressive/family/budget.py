@@ -1,7 +1,10 @@
 """Token budgets, learning rates and data windows of a family: the plan (paper Sections 2-4, App. B).
 
 Eq. 4: member i trains on D_i tokens with 6 N_i D_i = 6 N_i D_i^scratch - sum_{j<i} 6 N_j D_j, so the
-whole progressive family costs 6 N_K D_K^scratch, what the largest member costs from scratch. The
+whole progressive family costs 6 N_K D_K^scratch, what the largest member costs from scratch.
+A first member seeded from a Hugging Face model (`init: {hf: DIR}`, our choice, issue 12) keeps its
+scratch budget in the sum, counted as spent (someone trained it), so every later budget is the paper's;
+it is not trained (`train: false`) or trained D_1 more tokens from the import (`train: true`). The
 sum uses the budgets D_j, as the paper does (App. B: nominal 1/2/4/8B at 20 tokens/param give
 20/30/60/120B tokens and 1280 instead of 1700 units). Budgets are exact fractions.
 
@@ -135,6 +138,8 @@ class PlanRow:
     data_windows: list[list[int]]
     train_data_path: str
     window_tokens: int
+    init: dict | None = None
+    """The first member's `init` ({hf: DIR, train: bool}): it starts from an imported Hugging Face model."""
     sample_order: dict | None = None
     """How NeoX must read the window dataset when it is not NeoX's own shuffle: {order: epochs, num_samples,
     seq_length, seed, allow_chopped, segments} (see neox_progressive.data.sample_order); None otherwise."""
@@ -270,7 +275,8 @@ def _row(family: Family, mode: str, member: Member, d_scratch: Fraction, d: Frac
         realized_flops=6 * n * iters * batch * seq, global_batch=batch, micro_batch=micro, gradient_accumulation_steps=gas,
         num_gpus=gpus, max_lr=max_lr, min_lr=lr.min if lr.min is not None else _round(max_lr * lr.min_ratio),
         warmup_iters=warmup_iters, data_windows=windows, train_data_path=_train_data_path(family, mode, member, window),
-        window_tokens=window, sample_order=_sample_order(family, windows, window))
+        window_tokens=window, sample_order=_sample_order(family, windows, window),
+        init={"hf": member.init_hf, "train": member.init_train} if member.init_hf else None)
 
 
 def plan_family(family: Family, mode: str | None = None) -> Plan:

@@ -75,7 +75,19 @@ def _model(s: Section) -> ModelDefaults:
     return m
 
 
-def _member(s: Section, model: ModelDefaults) -> Member:
+def _init(s: Section, base: Path) -> dict:
+    """`init: {hf: DIR, train: false}`: the member starts from a Hugging Face model (issue 12)."""
+    if not s.has("init"):
+        s.section("init")  # known key (also when null)
+        return {}
+    init = s.section("init")
+    hf = init.get("hf", str, example="hf/TinyLlama-1.1B")
+    train = init.get("train", bool, False)
+    init.done()
+    return {"init_hf": _path(hf, base), "init_train": train}
+
+
+def _member(s: Section, model: ModelDefaults, base: Path) -> Member:
     kw = dict(
         name=str(s.get("name", (str, int, float), example="1B")),
         hidden_size=s.get("hidden_size", int, positive=True, example="2048"),
@@ -92,6 +104,7 @@ def _member(s: Section, model: ModelDefaults) -> Member:
         pipe_parallel_size=s.get("pipe_parallel_size", int, None),
     )
     kw["num_kv_heads"] = s.get("num_kv_heads", int, kw["num_heads"], positive=True)
+    kw.update(_init(s, base))
     s.done()
     if not kw["name"].replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise s.fail("name", f"{kw['name']!r} must be letters, digits, '.', '-' or '_' (it names files and directories)")
@@ -241,11 +254,15 @@ def _eval(s: Section) -> dict:
     return dict(s.data)
 
 
-def _members(top: Section, model: ModelDefaults) -> list[Member]:
+def _members(top: Section, model: ModelDefaults, base: Path) -> list[Member]:
     raw = top.raw("members")
     if not isinstance(raw, list) or len(raw) < 1:
         raise top.fail("members", f"expected a list of members (smallest first), got {raw!r}")
-    members = [_member(Section(m, f"members[{i}]", top.file), model) for i, m in enumerate(raw)]
+    members = [_member(Section(m, f"members[{i}]", top.file), model, base) for i, m in enumerate(raw)]
+    for i, m in enumerate(members[1:], 1):
+        if m.init_hf:
+            raise UserError(f"{top.file}: members[{i}].init: only the first member can start from a Hugging Face model "
+                            "(the others start from the expansion of the member before); remove it")
     names = [m.name for m in members]
     if len(set(names)) != len(names):
         raise top.fail("members", f"member names must be unique, got {names}")
@@ -281,7 +298,7 @@ def load_family(path: str | Path, overrides: Mapping | None = None) -> Family:
     file, base = str(path), path.absolute().parent  # not resolve(): a symlinked family file keeps its own dir
     top = Section(raw, "", file)
     model = _model(top.section("model", required=True))
-    members = _members(top, model)
+    members = _members(top, model, base)
     shared = top.get("shared", dict, {})
     shared = {k.replace("-", "_"): (_path(v, base) if k in PATH_KEYS and isinstance(v, str) else v) for k, v in shared.items()}
     wb = top.section("wandb")

@@ -32,7 +32,9 @@ def plan_json(family: Family, plan: Plan) -> dict:
     for row in plan.rows:
         dirs = member_dirs(family, plan.mode, row.name)
         rec = {**row.__dict__, "stage_yaml": f"stage_{row.name}.yml", "save": str(dirs.checkpoints)}
-        if plan.mode == "progressive" and row is not plan.rows[0]:
+        if rec["init"] is None:  # only a first member seeded from a Hugging Face model has one
+            del rec["init"]
+        if (plan.mode == "progressive" and row is not plan.rows[0]) or (row.init and row.init["train"]):
             rec["load"] = str(dirs.expanded)
         out["members"].append(rec)
     return out
@@ -46,6 +48,12 @@ def _lr_rule(family: Family) -> str:
 def readings(family: Family, plan: Plan) -> list[str]:
     """The choices the paper's text leaves open that this plan makes, one sentence each ("our reading")."""
     out = []
+    first = plan.rows[0]
+    if first.init:
+        use = ("trained for its budget from the import" if first.init["train"] else
+               f"not trained: this run spends {plan.total_flops - first.flops:.4g} of the plan's FLOPs")
+        out.append(f"members[0].init: {first.name} starts from the Hugging Face model {first.init['hf']} (import-hf), "
+                   f"{use}; Eq. 4 counts its scratch cost as spent (our choice), so the later budgets are the paper's.")
     if plan.mode == "progressive":
         out.append(
             f"budget.keep: {plan.keep} (our reading). App. A gives every size 40700 updates at a batch that doubles with "
@@ -74,7 +82,8 @@ def plan_table(plan: Plan) -> list[str]:
              "realized tokens | max LR | data windows |", "|" + "---|" * 11]
     for r in plan.rows:
         wins = ", ".join(f"[{_si(a)}, {_si(b)})" for a, b in r.data_windows)
-        lines.append(f"| {r.name} | {_si(r.params)} | {_si(r.scratch_tokens)} | {_si(r.tokens)} | {r.flops:.4g} | "
+        name = r.name + (" (from HF" + (", trained)" if r.init["train"] else ")") if r.init else "")
+        lines.append(f"| {name} | {_si(r.params)} | {_si(r.scratch_tokens)} | {_si(r.tokens)} | {r.flops:.4g} | "
                      f"{r.cumulative_flops:.4g} | {r.global_batch} | {r.train_iters} | {_si(r.realized_tokens)} | "
                      f"{r.max_lr:.3g} | {wins} |")
     total_tokens = sum(r.tokens for r in plan.rows)

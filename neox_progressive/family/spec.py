@@ -102,6 +102,10 @@ class Member:
     num_gpus: int | None = None
     model_parallel_size: int | None = None
     pipe_parallel_size: int | None = None
+    init_hf: str | None = None
+    """`init: {hf: DIR}` (first member only): start from this Hugging Face model (import-hf), not from scratch."""
+    init_train: bool = False
+    """`init: {train: true}`: train the imported model for the member's budget (default: take it as it is)."""
 
     def shape(self) -> ModelShape:
         """The member's NeoX shape (padded vocab from `model.vocab_size`)."""

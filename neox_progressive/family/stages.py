@@ -119,8 +119,8 @@ def stage_config(family: Family, plan: Plan, member_name: str, stage_dir: Path |
     })
     cfg.update(_data(family, row))
     cfg.update({"save": str(dirs.checkpoints), "checkpoint_factor": min(t.checkpoint_interval, row.train_iters)})
-    if mode == "progressive" and index > 0:
-        cfg.update({"load": str(dirs.expanded), "finetune": True})
+    if (mode == "progressive" and index > 0) or (index == 0 and member.init_train):
+        cfg.update({"load": str(dirs.expanded), "finetune": True})  # the expanded (or imported, trained on) start
     cfg.update({"eval_interval": t.eval_interval, "eval_iters": t.eval_iters, "log_interval": t.log_interval})
     cfg.update(_wandb(family, mode, member))
     if family.eval.get("neox_kl_hook") and index > 0 and stage_dir is not None:

@@ -20,17 +20,15 @@ Architectures and what they become (everything else is refused with the config k
 Tied input/output embeddings (`tie_word_embeddings: true`) are read untied: the head is a copy of the
 embedding, which computes the same function (NeoX runs with `no_weight_tying: true`); `notes` says so.
 NeoX has no rotary scaling, no sliding window, no mixture of experts and no head_dim other than
-hidden_size / num_attention_heads: such configs are refused.
+hidden_size / num_attention_heads: such configs are refused (`hf_shape.py`: config.json -> ModelShape).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -38,171 +36,35 @@ from neox_progressive import arch
 from neox_progressive.config import ModelShape
 from neox_progressive.errors import UserError
 from neox_progressive.hf import GPT_NEOX, LLAMA, HfArch
+from neox_progressive.hf_shape import (  # noqa: F401 (re-exported: the reader's public names)
+    SUPPORTED,
+    _architecture,
+    check_same_model,
+    divisible_by_for,
+    read_hf_config,
+    shape_from_hf_config,
+)
 from neox_progressive.io import finite
 
-LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-SUPPORTED = (*LLAMA_FAMILY, GPT_NEOX.name)
 ZERO_FILLED = {"Qwen2ForCausalLM": ("attn.o.bias",)}
 """Logical tensors the NeoX model has but the HF architecture lacks; written as zeros (exact)."""
 BUFFERS = ("rotary_emb.inv_freq", "attention.bias", "attention.masked_bias")
 """HF keys that are buffers, not weights (older saves hold them); recomputed, so skipped."""
-TANH_GELU = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
-MOE_KEYS = ("num_local_experts", "num_experts", "moe_intermediate_size", "num_experts_per_tok")
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-               "gpt_neox": GPT_NEOX.name}
-"""`model_type` -> architecture, for a config.json without `architectures` (a config saved on its own)."""
-HF_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
-def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
-    """`config.json` of an HF directory as a dict (one-line errors for a missing or broken file)."""
-    path = Path(hf_dir) / "config.json"
-    if not Path(hf_dir).is_dir():
-        raise UserError(f"{hf_dir} is not a directory; pass a Hugging Face model directory (with config.json)")
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; pass a Hugging Face model directory (save_pretrained writes it)")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc}); restore the file from the model's source") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
-    return cfg
+def _check_shape(path: Path, key: str, got: tuple[int, ...], want: tuple[int, ...]) -> None:
+    if got != want:
+        raise UserError(f"{path}: {key} has shape {got} but config.json implies {want} (hidden_size, heads, "
+                        "intermediate_size, vocab_size); the weights do not match config.json")
 
 
-def _refuse(where: Path, key: str, value: Any, why: str, fix: str) -> UserError:
-    return UserError(f"{where}: {key} = {json.dumps(value)}: {why}; {fix}")
-
-
-def _architecture(cfg: dict, where: Path) -> str:
-    names = cfg.get("architectures") or ([MODEL_TYPES[cfg["model_type"]]] if cfg.get("model_type") in MODEL_TYPES else [])
-    if len(names) != 1 or names[0] not in SUPPORTED:
-        kind = "mixture of experts" if any(cfg.get(k) for k in MOE_KEYS) else "not a supported architecture"
-        raise _refuse(where, "architectures", names, f"{kind} (NeoX can represent {', '.join(SUPPORTED)})",
-                      "import a model of one of those architectures")
-    if any(cfg.get(k) for k in MOE_KEYS):
-        key = next(k for k in MOE_KEYS if cfg.get(k))
-        raise _refuse(where, key, cfg[key], "mixture of experts: NeoX's transformer has one dense MLP per layer",
-                      "import a dense model")
-    return names[0]
-
-
-def _rope(cfg: dict, where: Path) -> tuple[float, float]:
-    """(rope base, partial rotary factor) from a 4.x config (rope_theta, rope_scaling, rotary_pct,
-    rotary_emb_base) or a 5.x one (rope_parameters)."""
-    params = cfg.get("rope_parameters")
-    key = "rope_parameters" if params is not None else "rope_scaling"
-    scaling = params if params is not None else cfg.get("rope_scaling")
-    if scaling is not None:
-        if not isinstance(scaling, dict):
-            raise _refuse(where, key, scaling, "expected an object or null", "restore config.json")
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        if kind not in (None, "default"):
-            raise _refuse(where, f"{key}.rope_type", kind, "NeoX's rotary embedding has no scaling (only the "
-                          "plain rotate-half RoPE)", "import a model without rope scaling")
-    scaling = scaling or {}
-    base = scaling.get("rope_theta", cfg.get("rope_theta", cfg.get("rotary_emb_base", 10000)))
-    pct = scaling.get("partial_rotary_factor", cfg.get("partial_rotary_factor", cfg.get("rotary_pct", 1.0)))
-    if float(base) != int(float(base)):
-        raise _refuse(where, "rope_theta", base, "NeoX's rotary_emb_base is an integer", "use an integer base")
-    return int(float(base)), float(pct)
-
-
-def _sliding_window(cfg: dict, name: str, where: Path) -> None:
-    layer_types = cfg.get("layer_types")
-    if layer_types and any(t != "full_attention" for t in layer_types):
-        raise _refuse(where, "layer_types", sorted(set(layer_types)), "sliding-window attention in some layers: "
-                      "NeoX's attention is full causal", "import a model whose layers all use full_attention")
-    window = cfg.get("sliding_window")
-    in_use = cfg.get("use_sliding_window", name == "MistralForCausalLM")
-    if in_use and window is not None and window < cfg.get("max_position_embeddings", math.inf):
-        raise _refuse(where, "sliding_window", window, f"attention limited to the last {window} tokens, which "
-                      "NeoX cannot represent", f"set it to null in config.json if the model is only used on "
-                      f"sequences of at most {window} tokens (attention is then the same)")
-
-
-def shape_from_hf_config(cfg: dict, where: str | Path = "config.json", *, tp: int = 1, pp: int = 1) -> ModelShape:
-    """The NeoX `ModelShape` that computes what transformers computes for `cfg`, or a one-line UserError.
-
-    Vocab: `padded_vocab_size` = the HF embedding rows (`vocab_size`); `make_vocab_size_divisible_by` is the
-    largest of 128, 64, ..., 1 that makes NeoX pad exactly to it (see `divisible_by_for`)."""
-    where = Path(where)
-    name = _architecture(cfg, where)
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
-        if not isinstance(cfg.get(key), int):
-            raise _refuse(where, key, cfg.get(key), "expected an integer", "restore config.json")
-    h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    if h % heads:
-        raise _refuse(where, "num_attention_heads", heads, f"does not divide hidden_size {h}", "restore config.json")
-    if cfg.get("head_dim") not in (None, h // heads):
-        raise _refuse(where, "head_dim", cfg["head_dim"], f"NeoX's head size is hidden_size / num_attention_heads "
-                      f"= {h // heads}", "import a model with head_dim = hidden_size / num_attention_heads")
-    base, pct = _rope(cfg, where)
-    act = cfg.get("hidden_act", "silu" if name in LLAMA_FAMILY else "gelu")
-    kv = cfg.get("num_key_value_heads") or heads
-    common = dict(hidden_size=h, num_layers=cfg["num_hidden_layers"], num_heads=heads, ffn_size=cfg["intermediate_size"],
-                  padded_vocab_size=cfg["vocab_size"], rotary_emb_base=base, tp=tp, pp=pp,
-                  make_vocab_size_divisible_by=divisible_by_for(cfg["vocab_size"], tp),
-                  max_position_embeddings=int(cfg.get("max_position_embeddings") or 2048),
-                  params_dtype=HF_DTYPES.get(str(cfg.get("dtype") or cfg.get("torch_dtype")), "float32"))
-    common["seq_length"] = common["max_position_embeddings"]  # NeoX's RoPE cache length; a config may lower it
-    if name in LLAMA_FAMILY:
-        if act != "silu":
-            raise _refuse(where, "hidden_act", act, "NeoX's gated MLP is SwiGLU (silu)", "import a silu model")
-        if pct != 1:
-            raise _refuse(where, "partial_rotary_factor", pct, "a Llama-family model rotates every head dimension "
-                          "in transformers", "restore config.json")
-        _sliding_window(cfg, name, where)
-        qwen = name == "Qwen2ForCausalLM"
-        attn_bias = True if qwen else bool(cfg.get("attention_bias", False))
-        return ModelShape(num_kv_heads=kv, rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), attn_bias=attn_bias,
-                          mlp_bias=bool(cfg.get("mlp_bias", False)), **common)
-    if kv != heads:
-        raise _refuse(where, "num_key_value_heads", kv, "GPTNeoX has no grouped-query attention", "restore config.json")
-    if act not in ("gelu", *TANH_GELU):
-        raise _refuse(where, "hidden_act", act, "NeoX's classic MLP computes GeLU (erf, or tanh with "
-                      "bias_gelu_fusion)", "import a model with gelu or gelu_pytorch_tanh")
-    return ModelShape(num_kv_heads=heads, norm="layernorm", activation="gelu", pos_emb="rotary",
-                      gelu_approx="tanh" if act in TANH_GELU else "erf", rotary_pct=pct,
-                      layernorm_eps=float(cfg.get("layer_norm_eps", 1e-5)),
-                      parallel_residual=bool(cfg.get("use_parallel_residual", True)),
-                      attn_bias=bool(cfg.get("attention_bias", True)), mlp_bias=True, **common)
-
-
-def divisible_by_for(rows: int, tp: int, tokenizer_size: int | None = None) -> int:
-    """The largest `make_vocab_size_divisible_by` in 128, 64, ..., 1 with which NeoX pads the tokenizer's size
-    (`rows` when unknown) to exactly `rows` at this TP; `rows // tp` if none does (it always does)."""
-    size = rows if tokenizer_size is None else tokenizer_size
-    for d in (128, 64, 32, 16, 8, 4, 2, 1):
-        if rows % (d * tp) == 0 and d * tp * math.ceil(size / (d * tp)) == rows:
-            return d
-    return rows // tp
-
-
-# Fields of a NeoX config that must equal the HF model's (a NeoX config given with --config is checked).
-MATCHED = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_size", "norm", "activation", "pos_emb",
-           "parallel_residual", "attn_bias", "mlp_bias", "rotary_pct", "rotary_emb_base")
-NEOX_NAME = {"num_heads": "num_attention_heads", "ffn_size": "intermediate_size (as the FFN width)",
-             "parallel_residual": "gpt_j_residual", "attn_bias": "use_bias_in_attn_linear",
-             "mlp_bias": "use_bias_in_mlp", "norm_eps": "rms_norm_epsilon / layernorm_epsilon",
-             "gelu_approx": "bias_gelu_fusion", "padded_vocab_size": "the padded vocab"}
-
-
-def check_same_model(hf: ModelShape, neox: ModelShape, where: str | Path) -> ModelShape:
-    """UserError naming the first NeoX config field that makes `neox` compute another model than `hf`;
-    returns `neox` with the HF vocab rows filled in."""
-    fields = [*MATCHED, "norm_eps", *(("gelu_approx",) if not hf.gated else ())]
-    if neox.padded_vocab_size is not None:
-        fields.append("padded_vocab_size")
-    for f in fields:
-        a, b = getattr(hf, f), getattr(neox, f)
-        if a != b:
-            extra = ""
-            if f == "padded_vocab_size":
-                extra = f" (set make_vocab_size_divisible_by: {divisible_by_for(a, neox.tp, neox.vocab_size)})"
-            raise UserError(f"{where}: {NEOX_NAME.get(f, f)} gives {b!r} but the HF model has {a!r}; the NeoX config "
-                            f"does not describe this model: fix it{extra}, or let --write-config write it")
-    return neox.replace(padded_vocab_size=hf.padded_vocab_size)
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class HFReader:
@@ -211,6 +73,7 @@ class HFReader:
     Args:
         hf_dir: a directory with config.json and safetensors (or pytorch_model*.bin) weights.
         shape: the NeoX config's shape; checked against config.json (`check_same_model`), its TP/PP kept.
+        shape_from: where `shape` came from (the YAML file), for the messages.
         tp, pp: TP degree and pipe_parallel_size of the shape when no `shape` is given.
         allow_nonfinite: hand out NaN/Inf weights instead of refusing them.
     """
@@ -218,7 +81,7 @@ class HFReader:
     format = "hf"
 
     def __init__(self, hf_dir: str | Path, shape: ModelShape | None = None, *, tp: int = 1, pp: int = 1,
-                 allow_nonfinite: bool = False):
+                 allow_nonfinite: bool = False, shape_from: str = "--config"):
         self.dir = Path(hf_dir)
         self.config = read_hf_config(self.dir)
         self.config_path = self.dir / "config.json"
@@ -226,7 +89,7 @@ class HFReader:
         self.hf: HfArch = GPT_NEOX if self.arch_name == GPT_NEOX.name else LLAMA
         hf_shape = shape_from_hf_config(self.config, self.config_path, tp=shape.tp if shape else tp,
                                         pp=shape.pp if shape else pp)
-        self.shape = check_same_model(hf_shape, shape, "--config") if shape is not None else hf_shape
+        self.shape = check_same_model(hf_shape, shape, shape_from) if shape is not None else hf_shape
         self.tied = bool(self.config.get("tie_word_embeddings", False))
         self.allow_nonfinite = allow_nonfinite
         self.notes: list[str] = []
@@ -288,15 +151,8 @@ class HFReader:
         return sorted(set(self.weight_map.values()))
 
     def sha256(self) -> dict[str, str]:
-        """sha256 of every weight file and config.json, by file name."""
-        out = {}
-        for p in [self.config_path, *self.files()]:
-            h = hashlib.sha256()
-            with p.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    h.update(block)
-            out[p.name] = h.hexdigest()
-        return out
+        """sha256 of config.json and every weight file, by file name (reads every byte: slow on big models)."""
+        return {p.name: sha256_file(p) for p in [self.config_path, *self.files()]}
 
     # ---- keys and shapes -----------------------------------------------------------------------
     def _table(self, part: str, i: int | None = None) -> dict[str, tuple[str, ...]]:
@@ -340,12 +196,29 @@ class HFReader:
         if missing:
             raise UserError(f"{self.dir}: weight {missing[0]!r} is missing ({len(missing)} missing in all) but "
                             f"config.json ({self.arch_name}) needs it; the weights do not match config.json")
+        self._check_shapes({k: v for t in tables for k, v in self._expected(t).items()})
         known = {a for k in need for a in self._aliases(k)} | {self._head_key(), "lm_head.weight"}
         extra = [k for k in self.weight_map if k not in known and not k.endswith(BUFFERS)]
         if extra:
             raise UserError(f"{self.dir}: weight {extra[0]!r} ({len(extra)} unknown in all) is not part of "
                             f"{self.arch_name} as config.json describes it (NeoX would drop it); check config.json "
                             "(attention_bias, mlp_bias, num_hidden_layers) against the weights")
+
+    def _check_shapes(self, want: dict[str, tuple[int, ...]]) -> None:
+        """Every tensor's shape from the safetensors headers (no data read), so a wrong shard fails before writing;
+        .bin files are checked as they are read."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for key in want:
+            by_file.setdefault(self.weight_map[self._find(key)], []).append(key)
+        for path, keys in by_file.items():
+            if path.suffix != ".safetensors":
+                continue
+            with safe_open(str(path), framework="pt") as f:
+                names = set(f.keys())
+                for k in keys:
+                    _check_shape(path, k, tuple(f.get_slice(self._in(k, names, path)).get_shape()), want[k])
 
     # ---- reading -------------------------------------------------------------------------------
     def _read(self, table: dict[str, tuple[str, ...]]) -> dict[str, torch.Tensor]:
@@ -366,10 +239,7 @@ class HFReader:
                 sd = self._bin(path)
                 got = {k: sd[self._in(k, set(sd), path)] for k in keys}
             for k, t in got.items():
-                if tuple(t.shape) != want[k]:
-                    raise UserError(f"{path}: {k} has shape {tuple(t.shape)} but config.json implies {want[k]} "
-                                    "(hidden_size, heads, intermediate_size, vocab_size); the weights do not match "
-                                    "config.json")
+                _check_shape(path, k, tuple(t.shape), want[k])
             if not self.allow_nonfinite:
                 finite.check_finite(got, path)
             out.update(got)
@@ -431,5 +301,13 @@ class HFReader:
         return sd
 
     def dtype(self) -> torch.dtype:
-        """The dtype of the stored embedding (no data read for safetensors)."""
-        return self.part("embed")["embed.weight"].dtype
+        """The dtype of the stored embedding (from the safetensors header: no data read)."""
+        key = self._find(next(iter(self._table("embed"))))
+        path = self.weight_map[key]
+        if path.suffix != ".safetensors":
+            return self._bin(path)[key].dtype
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            name = f.get_slice(key).get_dtype()
+        return SAFETENSORS_DTYPES.get(name) or self.part("embed")["embed.weight"].dtype

@@ -19,6 +19,10 @@ retrained progressive member is taken again). With the fixed-data epoch order an
 is stopped at its first logged loss unless NeoX's log shows it loaded the index maps written beside
 the window (see neox_progressive.data.sample_order).
 
+A first member with `init: {hf: DIR}` is imported (`import-hf` with its stage config) instead of
+trained: as its checkpoint (`<name>/train`), or with `train: true` as the start it trains from
+(`<name>/import`, then `<name>/train` with the stage-start check on the import).
+
 Then `eval` scores every trained member (perplexity, adjacent-pair KL, speculative decoding, the
 family file's lm-eval tasks) into `<output_dir>/report/`.
 
@@ -161,6 +165,10 @@ class FamilyRun:
                 yield self._expand_step(prev, name)
             if self.reused(name):
                 yield self._reuse_step(name)
+            elif k == 0 and self.family.members[0].init_hf:
+                yield self._import_step(name)
+                if self.family.members[0].init_train:
+                    yield self._train_step(name, expanded=True)
             else:
                 yield self._train_step(name, expanded=self.mode == "progressive" and prev is not None)
 
@@ -182,6 +190,26 @@ class FamilyRun:
 
         return Step(f"{name}/train", f"reuse progressive {name} (the same model: same budget, data and schedule; trained "
                     "once)", inputs, action, [stage_save_dir(yml)] if yml.exists() else [], "")
+
+    def _import_step(self, name: str) -> Step:
+        """The first member from a Hugging Face model (`init: {hf: DIR}`): imported as its stage's checkpoint (the
+        step `<name>/train`, nothing trained), or with `train: true` as the start it trains from (`<name>/import`)."""
+        from neox_progressive.hf_import import import_hf
+
+        member, yml = self.family.member(name), self.stage_yaml(name)
+        out = self.dirs(name).expanded if member.init_train else self.dirs(name).checkpoints
+
+        def inputs() -> dict[str, Any]:
+            return {"hf": digest(member.init_hf), "config": self.config_digest(yml)}
+
+        def action(_inputs: dict[str, Any]) -> dict[str, Any]:
+            rec = import_hf(member.init_hf, out, [yml], force=True)
+            return {"checkpoint": str(out), "imported_from": member.init_hf, "notes": rec["notes"]}
+
+        step = f"{name}/import" if member.init_train else f"{name}/train"
+        what = "the start of its training" if member.init_train else "its checkpoint (not trained)"
+        return Step(step, f"import {member.init_hf} as {name}: {what}", inputs, action, [out],
+                    f"neox-progressive import-hf {member.init_hf} --config {yml} --out {out}", {"config": yml})
 
     def _expand_step(self, prev: str, name: str) -> Step:
         from neox_progressive.expand import ExpandOptions, expand_checkpoint
@@ -214,7 +242,8 @@ class FamilyRun:
         def action(inputs: dict[str, Any]) -> dict[str, Any]:
             return self._train(name, yml, expanded_dir, inputs)
 
-        return Step(f"{name}/train", f"train {name} ({'from the expanded ' + name if expanded else 'from scratch'})",
+        start = ("from the imported " if name == self.names[0] else "from the expanded ") + name
+        return Step(f"{name}/train", f"train {name} ({start if expanded else 'from scratch'})",
                     inputs, action, [stage_save_dir(yml)] if yml.exists() else [], self.engine.command(yml), {"config": yml})
 
     # ---- training with the stage-start check --------------------------------------------------------
