@@ -35,7 +35,6 @@ from neox_progressive.io.writer import check_destination
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 """Files of a source HF directory copied into the output as they are."""
-ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 LLAMA_SHAPE_KEYS = {"hidden_size": "hidden_size", "intermediate_size": "ffn_size", "num_hidden_layers": "num_layers",
                     "num_attention_heads": "num_heads", "num_key_value_heads": "num_kv_heads", "head_dim": "head_dim"}
 NEOX_SHAPE_KEYS = {k: v for k, v in LLAMA_SHAPE_KEYS.items() if k not in ("num_key_value_heads", "head_dim")}
@@ -78,7 +77,7 @@ def _hf_target(dst_configs: list[Path]) -> Path | None:
 
 def target_of(reader, dst_configs: list[Path]) -> tuple[ModelShape, dict]:
     """(target shape, the output's config.json without dtype) for TARGET (HF config.json or NeoX YAMLs)."""
-    from neox_progressive.io.hf_reader import _architecture, read_hf_config, shape_from_hf_config
+    from neox_progressive.hf_shape import _architecture, read_hf_config, shape_from_hf_config
 
     src = reader.shape
     path = _hf_target(dst_configs)
@@ -134,18 +133,11 @@ def _config_for(src_cfg: dict, dst: ModelShape, neox: bool) -> dict:
 
 
 def source_dtype(reader) -> str:
-    """The stored dtype of the source embedding (safetensors: from the header, no data read)."""
-    key = next(k for k, v in reader.hf.globals.items() if v == ("embed.weight",))
-    path = reader.weight_map[key]
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            tag = f.get_slice(key).get_dtype()
-        if tag not in ST_DTYPES:
-            raise UserError(f"{path}: {key} is {tag}; the expansion reads bf16, fp16 or fp32 weights")
-        return ST_DTYPES[tag]
-    return str(reader.dtype()).removeprefix("torch.")
+    """The stored dtype of the source embedding (HFReader.dtype: from the safetensors header, no data read)."""
+    dtype = str(reader.dtype()).removeprefix("torch.")
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise UserError(f"{reader.dir}: the embedding is stored as {dtype}; the expansion reads bf16, fp16 or fp32 weights")
+    return dtype
 
 
 def plan_for_hf(src, dst_configs, options: ExpandOptions = DEFAULT_OPTIONS, stage: str = "", *,
