@@ -15,6 +15,12 @@ Both use the default options (AKI, b2b). It prints:
 - their ratio (target <= 1.3);
 - peak RSS of the expansion process (getrusage) against 2 x the largest output layer file + 1 GiB.
 
+`--format hf` does the same for Hugging Face checkpoints (`expand --src HF_DIR`): the synthetic source is an
+HF directory (config.json + safetensors, written by the plugin's HFWriter), the target an HF config.json,
+the output an HF directory; the I/O floor is safetensors' load of every source tensor (`safe_open` +
+`get_tensor(k).clone()`: get_tensor only maps the file, clone() reads it) plus `save_file` + fsync of
+tensors of the output's per-layer sizes.
+
 `--layers` / `--dst-layers` shrink the depth (same widths) when time or disk is short; the report
 says which depth ran. `--compare DIR` also times the expansion with the package of another checkout
 (e.g. the previous commit, `git worktree add /tmp/old HEAD~1`), interleaved with this one's runs, so
@@ -22,6 +28,7 @@ a before/after comparison sees the same machine load.
 
     python bench/expand_speed.py --out bench/expand_speed.md
     python bench/expand_speed.py --arch neox --repeats 2 --out bench/expand_speed.md
+    python bench/expand_speed.py --format hf --repeats 3 --out bench/expand_speed.md
     python bench/expand_speed.py --layers 6 --dst-layers 8 --work /tmp/xb --compare /tmp/old
 """
 
@@ -85,6 +92,48 @@ def build_source(path: Path, shape: ModelShape) -> None:
             w.write_layer(i, {k: rnd(k, s) for k, s in arch.logical_layer_shapes(shape).items()})
 
 
+def build_hf_source(path: Path, shape: ModelShape) -> None:
+    """A random bf16 HF directory (LlamaForCausalLM or GPTNeoXForCausalLM), one part at a time."""
+    from neox_progressive.io.hf_writer import HFWriter
+
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(key, s):
+        if key.endswith("norm.weight"):
+            return torch.ones(s, dtype=torch.bfloat16)
+        return (torch.randn(*s, generator=g) * 0.02).to(torch.bfloat16)
+
+    glob = arch.logical_global_shapes(shape)
+    with HFWriter(path, shape, torch.bfloat16, force=True) as w:
+        for part in arch.GLOBAL_PARTS:
+            w.write_part(part, {k: rnd(k, glob[k]) for k in arch.logical_part_keys(part, shape)})
+        for i in range(shape.num_layers):
+            w.write_layer(i, {k: rnd(k, s) for k, s in arch.logical_layer_shapes(shape).items()})
+
+
+HF_FLOOR = """
+import json, os, resource, sys, time
+from pathlib import Path
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+src, out, sizes = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
+buf = torch.randn(max(sizes) // 2).to(torch.bfloat16)
+out.mkdir(parents=True, exist_ok=True)
+t0 = time.perf_counter()
+for f in sorted(src.glob("*.safetensors")):
+    with safe_open(str(f), framework="pt") as g:  # get_tensor maps the file lazily: clone() reads the data
+        for k in g.keys():
+            g.get_tensor(k).clone()
+for i, n in enumerate(sizes):
+    p = out / f"f{i}.safetensors"
+    save_file({"t": buf[: n // 2].clone()}, str(p), metadata={"format": "pt"})
+    fd = os.open(p, os.O_RDONLY); os.fsync(fd); os.close(fd)
+print(json.dumps({"seconds": time.perf_counter() - t0,
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
 CHILD = """
 import json, resource, sys, time
 import torch  # both processes import torch before their clocks start
@@ -128,6 +177,8 @@ def child(code: str, *args: str, root: Path = ROOT) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", choices=list(ARCHS), default="llama", help="llama: 1B -> 2B (default); neox: Pythia-1B-like x2")
+    ap.add_argument("--format", choices=["neox", "hf"], default="neox",
+                    help="neox: NeoX checkpoints (default); hf: HF directories (expand --src HF_DIR, HF config.json target)")
     ap.add_argument("--layers", type=int, help="source layers (default: llama 18, neox 16)")
     ap.add_argument("--dst-layers", type=int, help="target layers (default: llama 22, neox 32)")
     ap.add_argument("--compare", metavar="DIR", help="also time the package of this checkout, interleaved (before/after)")
@@ -141,13 +192,19 @@ def main() -> None:
 
     src_w, dst_w, layers, dst_layers, fields, label = ARCHS[args.arch]
     args.layers, args.dst_layers = args.layers or layers, args.dst_layers or dst_layers
-    work = Path(args.work) / args.arch
+    hf_format = args.format == "hf"
+    work = Path(args.work) / f"{args.arch}{'-hf' if hf_format else ''}-{args.layers}"  # a kept source is reused
     work.mkdir(parents=True, exist_ok=True)
     src, dst = shape_of(src_w, args.layers, fields), shape_of(dst_w, args.dst_layers, fields)
     src_yml, dst_yml = write_yaml(work / "src.yml", src), write_yaml(work / "dst.yml", dst)
-    if not (work / "src" / "latest").exists():
+    if hf_format:
+        from neox_progressive.hf import hf_config
+
+        dst_json = work / "dst.json"
+        dst_json.write_text(json.dumps(hf_config(dst, torch.bfloat16)))
+    if not (work / "src" / ("config.json" if hf_format else "latest")).exists():
         print(f"building the synthetic source ({src.param_count() * 2 / 2**30:.2f} GiB bf16) ...", file=sys.stderr)
-        build_source(work / "src", src)
+        (build_hf_source if hf_format else build_source)(work / "src", src)
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     plan = plan_expansion(src, dst, dtype="bfloat16")
     sizes = [plan.file_bytes[i] // dst.tp for i in sorted(plan.file_bytes)]
@@ -156,13 +213,17 @@ def main() -> None:
     runs, floors, others = [], [], []
     argv = ["expand", "--src", str(work / "src"), "--src-config", str(src_yml), "--dst-config", str(dst_yml),
             "--out", str(work / "out"), "--quiet"]
+    if hf_format:
+        argv = ["expand", "--src", str(work / "src"), "--dst-config", str(dst_json), "--out", str(work / "out"), "--quiet"]
+    suffix = "*.safetensors" if hf_format else "*.pt"
     for _ in range(args.repeats):
         for root, into in ((ROOT, runs), *(((Path(args.compare), others),) if args.compare else ())):
             shutil.rmtree(work / "out", ignore_errors=True)
             into.append(child(CHILD, *argv, root=root))
-        out_bytes = sum(p.stat().st_size for p in (work / "out").rglob("*.pt"))
+        out_bytes = sum(p.stat().st_size for p in (work / "out").rglob(suffix))
         shutil.rmtree(work / "out", ignore_errors=True)
-        floors.append(child(FLOOR, str(work / "src" / "global_step0"), str(work / "floor"), json.dumps(sizes)))
+        floor_src = work / "src" if hf_format else work / "src" / "global_step0"
+        floors.append(child(HF_FLOOR if hf_format else FLOOR, str(floor_src), str(work / "floor"), json.dumps(sizes)))
         shutil.rmtree(work / "floor", ignore_errors=True)
     exp = min(runs, key=lambda r: r["seconds"]) | {"peak_rss": max(r["peak_rss"] for r in runs)}
     other = min(others, key=lambda r: r["seconds"]) | {"peak_rss": max(r["peak_rss"] for r in others)} if others else None
@@ -184,10 +245,12 @@ def main() -> None:
         "",
         f"{dt.date.today()}, {platform.node() or 'machine'}: {platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__}, load average {load_start:.1f} at the start, {load:.1f} at the end (shared machine), "
-        f"`python bench/expand_speed.py --arch {args.arch} --layers {args.layers} --dst-layers {args.dst_layers} "
+        f"`python bench/expand_speed.py --format {args.format} --arch {args.arch} --layers {args.layers} "
+        f"--dst-layers {args.dst_layers} "
         f"--repeats {args.repeats}{' --compare ' + args.compare if args.compare else ''}`",
         f"{label}, {args.layers} -> {args.dst_layers} layers ({depth}), "
-        f"bf16, vocab {VOCAB}, AKI + b2b; source {src.param_count() * 2 / gib:.2f} GiB, output {out_bytes / gib:.2f} GiB.",
+        f"bf16, vocab {VOCAB}, AKI + b2b, {'HF safetensors directories' if hf_format else 'NeoX checkpoints'}; "
+        f"source {src.param_count() * 2 / gib:.2f} GiB, output {out_bytes / gib:.2f} GiB.",
         "",
         "| measure | value |",
         "|---|---|",
@@ -195,7 +258,8 @@ def main() -> None:
         f"| expand CPU time, user + sys, all threads (all runs: {cpu_runs} s; less sensitive to load) | "
         f"{min(r['cpu'] for r in runs):.1f} s |",
         f"| I/O floor, all runs | {all_floors} s |",
-        f"| I/O floor (load source + save output-size tensors + fsync), best | {floor['seconds']:.1f} s |",
+        f"| I/O floor (load source + save output-size tensors + fsync{', safetensors' if hf_format else ''}), best | "
+        f"{floor['seconds']:.1f} s |",
         f"| ratio expand / floor (target <= 1.3) | {ratio:.2f} {'met' if ratio <= 1.3 else 'NOT met'} |",
         f"| peak RSS of expand | {exp['peak_rss'] / gib:.2f} GiB |",
         f"| largest output layer file | {largest_layer_file / gib:.3f} GiB |",

@@ -19,7 +19,6 @@ such as LayerNorm + SwiGLU) are refused with the reason.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +29,6 @@ from neox_progressive.config import ModelShape
 from neox_progressive.errors import UserError
 from neox_progressive.io import finite
 from neox_progressive.io.reader import CheckpointReader
-from neox_progressive.io.writer import AtomicDir
 
 QKV = ("attn.q.{p}", "attn.k.{p}", "attn.v.{p}")
 LLAMA_LAYER = {  # HF key under model.layers.{i}. -> logical keys
@@ -197,65 +195,26 @@ def _check_transformers(shape: ModelShape) -> None:
 def export_hf(reader: CheckpointReader, out: str | Path, *, dtype: str = "auto", force: bool = False,
               max_shard_bytes: int = 5 * 2**30, bos: int | None = None, eos: int | None = None,
               progress=None, tokenizer=None, allow_nonfinite: bool = False) -> Path:
-    """Write `out` as a transformers directory (safetensors shards + config.json), layer by layer.
+    """Write `out` as a transformers directory (safetensors shards + config.json), layer by layer (io/hf_writer.py).
 
     NaN/Inf weights are refused (one line naming the file and key) unless `allow_nonfinite`.
     """
-    from safetensors.torch import save_file
+    from neox_progressive.io.hf_writer import HFWriter
 
     shape = reader.shape
-    hf = hf_arch(shape)
     _check_transformers(shape)
-    target = DTYPES[dtype]
     stored = reader.file_state(arch.embed_index())[0][arch.EMBED_KEY].dtype  # memory-mapped: no data read
-    reader = finite.guard(reader, allow_nonfinite, stored if target is None else None)
-    atomic = AtomicDir(out, force, need_bytes=shape.param_count() * (target or stored).itemsize)
-    with atomic as tmp:
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        sizes = [0]
-        index: dict[str, str] = {}
-        files: list[str] = []
-        out_dtype = None
-
-        def add(tensors: dict[str, torch.Tensor]):
-            nonlocal out_dtype
-            for key, t in tensors.items():
-                t = t.to(target) if target is not None else t
-                out_dtype = t.dtype
-                n = t.numel() * t.element_size()
-                if sizes[-1] and sizes[-1] + n > max_shard_bytes:
-                    flush()
-                shards[-1][key] = t.contiguous()
-                sizes[-1] += n
-
-        def flush():
-            name = f"model-{len(files) + 1:05d}.safetensors"
-            atomic.current = tmp / name
-            save_file(shards[-1], str(tmp / name), metadata={"format": "pt"})
-            files.append(name)
-            index.update({k: name for k in shards[-1]})
-            shards.append({})
-            sizes.append(0)
-
-        add(hf_tensors(reader.part("embed"), hf.globals, shape, hf))
+    reader = finite.guard(reader, allow_nonfinite, stored if DTYPES[dtype] is None else None)
+    out_dtype = DTYPES[dtype] or stored
+    config = hf_config(shape, out_dtype, bos, eos)
+    config["neox_progressive_version"] = __version__
+    with HFWriter(out, shape, out_dtype, config=config, force=force, max_shard_bytes=max_shard_bytes,
+                  tokenizer=tokenizer) as w:
+        w.write_part("embed", reader.part("embed"))
         for i, layer in reader.iter_layers():
-            prefix = hf.layer_prefix.format(i=i)
-            add({prefix + k: v for k, v in hf_tensors(layer, hf.layer, shape, hf).items()})
+            w.write_layer(i, layer)
             if progress:
                 progress(i)
-        add(hf_tensors({**reader.part("final_norm"), **reader.part("head")}, hf.globals, shape, hf))
-        flush()
-        if len(files) == 1:
-            (tmp / files[0]).rename(tmp / "model.safetensors")
-        else:
-            total = sum(sizes)
-            (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=2))
-        cfg = hf_config(shape, out_dtype, bos, eos)
-        cfg["neox_progressive_version"] = __version__
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(
-            json.dumps({"bos_token_id": bos, "eos_token_id": eos, "do_sample": False}, indent=2) + "\n")
-        if tokenizer is not None:  # an hf_tokenizer.ExportTokenizer: its files and special ids
-            tokenizer.write(tmp)
+        w.write_part("final_norm", reader.part("final_norm"))
+        w.write_part("head", reader.part("head"))
     return Path(out)

@@ -27,6 +27,9 @@ Exactness (FPI) is decided by the norms and the added layers:
              --rms-comp is none there.
   depth      added layers are the identity only with --new-layer-init zero_out
 --dry-run and expansion.json say `exact: true|false` and why.
+An HF model directory as --src (config.json naming Llama, Mistral, Qwen2 or GPTNeoX) is grown into an HF
+directory (sharded safetensors, config.json, generation_config.json, its tokenizer files), loadable by
+AutoModelForCausalLM, with the same rules and options; --dst-config is then an HF config.json or a NeoX YAML.
 Every check (shapes only grow, head_dim, vocab, the architecture, GQA layout, TP divisibility)
 runs before anything is written; the output is written atomically.
 """
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import json
 
+from neox_progressive.errors import UserError
 from neox_progressive.expand.options import CHOICES, ExpandOptions
 
 HELP = "grow a NeoX checkpoint into the next member's start (bert2BERT AKI / exact FPI)"
@@ -42,15 +46,19 @@ EXAMPLES = """
   neox-progressive expand --src runs/1B/checkpoints --src-config stage_1B.yml --dst-config stage_2B.yml --out runs/2B/expanded
   neox-progressive expand --src ck/global_step800 --src-config a.yml --dst-config b.yml --out x --method fpi --dry-run
   python tools/expand_neox_ckpt.py --src ck --src-config a.yml --dst-config b.yml --out x --seed 3 --quiet
+  neox-progressive expand --src hf/llama-1b --dst-config hf/llama-2b/config.json --out hf/llama-2b-grown --method fpi
 """
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--src", required=True, metavar="CKPT", help="NeoX save dir (with `latest`) or a global_stepN dir")
-    p.add_argument("--src-config", action="append", required=True, metavar="YML",
-                   help="the source member's NeoX YAML file(s), repeatable")
+    p.add_argument("--src", required=True, metavar="CKPT",
+                   help="NeoX save dir (with `latest`) or a global_stepN dir; or an HF model directory (config.json "
+                        "with `architectures`), which is grown into an HF directory")
+    p.add_argument("--src-config", action="append", metavar="YML",
+                   help="the source member's NeoX YAML file(s), repeatable (NeoX sources; an HF source has config.json)")
     p.add_argument("--dst-config", action="append", required=True, metavar="YML",
-                   help="the target member's NeoX YAML file(s), repeatable (TP degree and format come from here)")
+                   help="the target member's NeoX YAML file(s), repeatable (TP degree and format come from here); "
+                        "for an HF source also an HF config.json")
     p.add_argument("--out", required=True, metavar="DIR", help="the new checkpoint (refused if it exists, unless --force)")
     p.add_argument("--method", choices=CHOICES["method"], default="aki", help="default aki, as in the paper")
     p.add_argument("--depth-rule", choices=CHOICES["depth_rule"], default="b2b",
@@ -92,6 +100,13 @@ def run(args) -> int:
     from neox_progressive.io.writer import check_destination
 
     options = options_of(args)
+    from neox_progressive.expand.hf_run import is_hf_dir
+
+    if is_hf_dir(args.src):
+        return run_hf(args, options)
+    if not args.src_config:
+        raise UserError(f"--src-config is required for the NeoX checkpoint {args.src} (its member's NeoX YAML); an "
+                        "HF source is a directory whose config.json names its architectures")
     if args.dry_run:
         plan, reader = plan_for(args.src, args.src_config, args.dst_config, options, args.stage)
         check_destination(args.out, args.force)
@@ -114,4 +129,32 @@ def run(args) -> int:
               f"{t['num_kv_heads']}, ffn {t['ffn_size']}, TP {t['tp']}, {record['target_bytes']:,} bytes; method "
               f"{o['method']}, rms_comp {o['rms_comp']}{default}; exact: {'yes' if record['exact'] else 'no'} "
               f"({record['exact_reason']}); expansion.json inside")
+    return 0
+
+
+def run_hf(args, options: ExpandOptions) -> int:
+    """An HF source directory: HF output (expand/hf_run.py), same options, plan and manifest."""
+    from neox_progressive.expand.hf_run import expand_hf, plan_for_hf
+    from neox_progressive.io.writer import check_destination
+
+    if args.src_config:
+        raise UserError(f"--src-config: {args.src} is an HF directory, described by its own config.json; drop "
+                        "--src-config")
+    if args.dry_run:
+        plan, _, _ = plan_for_hf(args.src, args.dst_config, options, args.stage)
+        check_destination(args.out, args.force)
+        print(json.dumps(plan.summary(), indent=1, default=str) if args.format == "json" else plan.describe())
+        if args.format != "json":
+            print(f"dry run: nothing written (would write the HF directory {args.out})")
+        return 0
+    record = expand_hf(args.src, args.dst_config, args.out, options, force=args.force, quiet=args.quiet,
+                       stage=args.stage, allow_nonfinite=args.allow_nonfinite)
+    if args.format == "json":
+        print(json.dumps(record, indent=1, default=str))
+    else:
+        t = record["target"]
+        print(f"wrote {args.out} ({record['source_architecture']}, HF safetensors): {t['num_layers']} layers, hidden "
+              f"{t['hidden_size']}, heads {t['num_heads']}/{t['num_kv_heads']}, ffn {t['ffn_size']}, "
+              f"{record['target_bytes']:,} bytes; method {record['options']['method']}; exact: "
+              f"{'yes' if record['exact'] else 'no'} ({record['exact_reason']}); expansion.json inside")
     return 0

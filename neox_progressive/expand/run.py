@@ -87,7 +87,7 @@ class _MapCache:
 
 def _embed(reader: CheckpointReader) -> torch.Tensor:
     """The source embedding; at TP 1 the memory-mapped tensor itself (no copy of V x h)."""
-    if reader.tp == 1:
+    if hasattr(reader, "file_state") and reader.tp == 1:
         t = reader.file_state(arch.embed_index())[0][arch.EMBED_KEY]
         if tuple(t.shape) == (reader.shape.padded_vocab_size, reader.shape.hidden_size):
             return t
@@ -125,7 +125,7 @@ def expand_checkpoint(src, src_configs, dst_configs, out, options: ExpandOptions
 def _record(plan: ExpansionPlan, reader: CheckpointReader, src, src_configs, dst_configs) -> dict:
     rec = {"format": "neox-progressive-expansion/1", "plugin_version": __version__,
            "command_line": shlex.join(sys.argv), "source_checkpoint": str(Path(src).resolve()),
-           "source_tag": reader.tag, "source_iteration": reader.iteration,
+           "source_tag": getattr(reader, "tag", None), "source_iteration": getattr(reader, "iteration", None),
            "source_configs": [str(p) for p in _paths(src_configs)], "target_configs": [str(p) for p in _paths(dst_configs)],
            "source_sha256": None}
     rec.update(plan.summary())
@@ -154,17 +154,21 @@ class _Saver:
 
 def run_plan(plan: ExpansionPlan, reader: CheckpointReader, out: str | Path, *, force: bool = False, quiet: bool = False,
              record: dict | None = None, pending: dict[str, Future] | None = None,
-             configs: Sequence[str | Path] | None = None, allow_nonfinite: bool = False) -> Path:
+             configs: Sequence[str | Path] | None = None, allow_nonfinite: bool = False, writer=None) -> Path:
     """Execute a plan against an open reader; writes `out` atomically.
 
-    `record` (the expansion.json content) is completed with the results of `pending` at the end.
+    `record` (the expansion.json content) is completed with the results of `pending` at the end. `writer`: an
+    unopened writer with CheckpointWriter's interface (`io.hf_writer.HFWriter` for HF output); default a NeoX
+    CheckpointWriter for `plan.dst`. An HF reader checks NaN/Inf itself (`HFReader(allow_nonfinite=...)`).
     """
     from tqdm import tqdm
 
     dst = plan.dst
-    reader = finite.guard(reader, allow_nonfinite, plan.dtype)  # NaN/Inf (unless --allow-nonfinite), mixed dtypes
+    if hasattr(reader, "file_state"):  # a NeoX reader (an HF reader checks its tensors itself)
+        reader = finite.guard(reader, allow_nonfinite, plan.dtype)  # NaN/Inf (unless --allow-nonfinite), mixed dtypes
     bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="expand", disable=quiet, file=sys.stderr)
-    writer = CheckpointWriter(out, dst, force=force, configs=configs, need_bytes=plan.total_bytes)
+    if writer is None:
+        writer = CheckpointWriter(out, dst, force=force, configs=configs, need_bytes=plan.total_bytes)
     with bar, writer as w, ThreadPoolExecutor(1) as pool:
         save = _Saver(pool)  # the next part is computed while the previous one is saved
 
