@@ -86,7 +86,7 @@ def hf_export(member: Member, out: Path) -> Path:
 
     from neox_progressive.hf import export_hf
 
-    eot = member.tokenizer.eot_id
+    eot = member.tokenizer.eod
     export_hf(member.reader, out, eos=eot, bos=eot)
     tok = PreTrainedTokenizerFast(tokenizer_file=str(member.tokenizer.path), eos_token=EOT, bos_token=EOT)
     tok.save_pretrained(str(out))

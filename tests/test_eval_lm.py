@@ -76,8 +76,8 @@ def test_generate_until_equals_transformers_greedy(tmp_path):
                                       arguments=(c, {"until": until, "max_gen_toks": 12})) for c in contexts])
     for context, text in zip(contexts, got, strict=True):
         ids = torch.tensor([tok.encode(context)])
-        out = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=tok.eot_id, pad_token_id=tok.eot_id)
-        new = [t for t in out[0, ids.shape[1]:].tolist() if t != tok.eot_id]
+        out = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=tok.eod, pad_token_id=tok.eod)
+        new = [t for t in out[0, ids.shape[1]:].tolist() if t != tok.eod]
         want = tok.decode(new)
         for u in until:
             want = want.split(u)[0]

@@ -25,7 +25,6 @@ from pathlib import Path
 
 from neox_progressive.data.corpus import read_documents, stdlib_corpus
 from neox_progressive.data.prepare import output_paths, prepare_data
-from neox_progressive.data.tokenizer import EOD_TOKEN
 from neox_progressive.errors import UserError
 
 HELP = "tokenize text/JSONL files into NeoX's mmap dataset format (.bin/.idx)"
@@ -46,7 +45,9 @@ def add_arguments(p) -> None:
     p.add_argument("--tokenizer", metavar="FILE", help="SentencePiece .model or HF tokenizer.json; omit to train one")
     p.add_argument("--vocab-size", type=int, default=8000, help="pieces of the trained SentencePiece model (default 8000)")
     p.add_argument("--spm-model-type", choices=["bpe", "unigram"], default="bpe", help="trained model type (default bpe)")
-    p.add_argument("--eod-token", default=EOD_TOKEN, help=f"the end-of-document token (default {EOD_TOKEN}, as NeoX)")
+    p.add_argument("--eod-token", default=None,
+                   help="the end-of-document token appended to each document (default: the tokenizer's EOD, the first "
+                        "of <|endoftext|> (as NeoX), </s>, <|end_of_text|>, <eos> it has)")
     p.add_argument("--no-eod", action="store_true", help="do not append the EOD id to each document")
     p.add_argument("--valid-fraction", type=float, default=0.0, help="share of documents held out for validation")
     p.add_argument("--valid-out", metavar="PREFIX", help="validation dataset prefix (default: PREFIX_valid)")
@@ -139,7 +140,7 @@ def _run_family(args) -> int:
         if not args.inputs and args.stdlib_corpus is None:
             raise UserError(f"{args.family}: {args.out}.bin/.idx does not exist and data.prepare names no source; add "
                             "data.prepare.inputs (files) or data.prepare.stdlib_corpus, or pass input files here")
-        defaults = {"jsonl_key": "text", "tokenizer": None, "spm_model_type": "bpe", "eod_token": EOD_TOKEN,
+        defaults = {"jsonl_key": "text", "tokenizer": None, "spm_model_type": "bpe", "eod_token": None,
                     "no_eod": False, "valid_fraction": 0.0}
         for key, default in defaults.items():
             if getattr(args, key) == default and key in src:

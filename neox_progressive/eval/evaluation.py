@@ -103,7 +103,7 @@ def load_held_out(members: list[Member], s: EvalSettings) -> HeldOut:
         raise UserError("give the held-out data with exactly one of --data PREFIX (NeoX .bin/.idx) or --text FILE "
                         "(.jsonl with a 'text' key, or plain text)")
     tok = members[0].tokenizer if (s.text or members[0].has_tokenizer()) else None
-    eod = tok.eot_id if tok is not None else None
+    eod = tok.eod if tok is not None else None
     docs = Documents.from_mmap(s.data) if s.data else Documents.from_text(s.text, tok.encode, eod)
     return held_out(docs, seq, ppl=counts["ppl"], kl=counts["kl"], kl_on=s.kl_on, prompts=counts["prompts"],
                     prompt_tokens=s.prompt_tokens, seed=s.seed, eod=eod)

@@ -34,8 +34,8 @@ from neox_progressive.errors import UserError
 from neox_progressive.eval.harness import import_lm_eval
 from neox_progressive.eval.member import Member
 from neox_progressive.eval.scoring import target_logprobs
-from neox_progressive.eval.tokenizer import Tokenizer
 from neox_progressive.model import Transformer
+from neox_progressive.tokenizer import Tokenizer
 
 lm_eval = import_lm_eval()
 from lm_eval.api.model import LM  # noqa: E402
@@ -81,7 +81,7 @@ class NeoXProgressiveLM(LM):
             model = member.load(self._device, dtype)
         if tokenizer is None:
             raise UserError(f"the {MODEL_NAME} lm-eval model needs the member's tokenizer (config: tokenizer_type, vocab_file)")
-        if tokenizer.eot_id is None:
+        if tokenizer.eod is None:
             raise UserError(f"tokenizer {tokenizer.path} has no end-of-text token (<|endoftext|> or </s>); lm-eval needs "
                             "one as the context of empty-context requests and as a stop token")
         self.model = model.to(self._device).eval()
@@ -95,7 +95,7 @@ class NeoXProgressiveLM(LM):
     # ---- lm-eval plumbing --------------------------------------------------------------------------
     @property
     def eot_token_id(self) -> int:
-        return self.tok.eot_id
+        return self.tok.eod
 
     @property
     def max_length(self) -> int:

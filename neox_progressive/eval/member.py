@@ -16,9 +16,9 @@ import torch
 
 from neox_progressive.config import ModelShape, merge_neox_configs
 from neox_progressive.errors import UserError
-from neox_progressive.eval.tokenizer import Tokenizer, load_tokenizer
 from neox_progressive.io.reader import CheckpointReader
 from neox_progressive.model import Transformer
+from neox_progressive.tokenizer import Tokenizer, config_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -69,7 +69,7 @@ class Member:
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
-        return load_tokenizer(self.config, base_dir=self.configs[0].parent)
+        return config_tokenizer(self.config, base_dir=self.configs[0].parent)
 
     def has_tokenizer(self) -> bool:
         try:

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from neox_progressive import arch
 from neox_progressive.errors import UserError
 
 CHUNK = 1 << 24
