@@ -8,7 +8,7 @@ from eval_util import bpe_tokenizer, make_member
 
 from neox_progressive.cli import main
 from neox_progressive.errors import UserError
-from neox_progressive.eval.member import Member, check_same_vocabulary
+from neox_progressive.eval.member import TrainedMember, check_same_vocabulary
 from neox_progressive.eval.tasks import stdlib_paragraphs
 
 
@@ -50,8 +50,8 @@ def test_members_naming_different_tokenizer_files_without_the_files(setup, tmp_p
         cfg = yaml.safe_load(a.configs[0].read_text()) | {"vocab_file": vocab}
         (tmp_path / f"{name}.yml").write_text(yaml.safe_dump(cfg))
         cfgs.append(tmp_path / f"{name}.yml")
-    x = Member("x", a.checkpoint, [cfgs[0]])
-    y = Member("y", a.checkpoint, [cfgs[1]])
+    x = TrainedMember("x", a.checkpoint, [cfgs[0]])
+    y = TrainedMember("y", a.checkpoint, [cfgs[1]])
     with pytest.raises(UserError, match="name different tokenizers"):
         check_same_vocabulary(x, y)
 
@@ -114,4 +114,4 @@ def test_tokenizer_file_missing_for_tasks(setup, tmp_path):
     cfg = yaml.safe_load(a.configs[0].read_text()) | {"vocab_file": str(tmp_path / "missing.json")}
     (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(UserError, match="does not exist on this machine"):
-        Member("A", a.checkpoint, [tmp_path / "c.yml"]).tokenizer  # noqa: B018
+        TrainedMember("A", a.checkpoint, [tmp_path / "c.yml"]).tokenizer  # noqa: B018

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from neox_progressive.errors import UserError
 from neox_progressive.eval.evaluation import STEPS, EvalSettings, evaluate_family, group_families, pairs_of
-from neox_progressive.eval.member import Member
+from neox_progressive.eval.member import TrainedMember
 
 HELP = "evaluate a family: perplexity, lm-eval tasks, adjacent-pair KL and speculative decoding, report"
 EXAMPLES = """
@@ -120,7 +120,7 @@ def settings_from(args) -> EvalSettings:
         device=args.device, dtype=args.dtype, skip=skip, quiet=args.quiet)
 
 
-def members_from(args, s: EvalSettings) -> list[Member]:
+def members_from(args, s: EvalSettings) -> list[TrainedMember]:
     """The members to evaluate: a family file's trained members (its held-out data unless --data/--text), or --member."""
     if args.family:
         if args.member:
@@ -134,10 +134,10 @@ def members_from(args, s: EvalSettings) -> list[Member]:
     if not args.member:
         raise UserError("no members: pass a family file, or --member [FAMILY/]NAME=CHECKPOINT_DIR:CONFIG.yml for each, "
                         "small to large")
-    return [Member.parse(spec) for spec in args.member]
+    return [TrainedMember.parse(spec) for spec in args.member]
 
 
-def family_members(family) -> list[Member]:
+def family_members(family) -> list[TrainedMember]:
     """The trained members of a family's run (`neox-progressive run`), for every mode that has them."""
     from neox_progressive.family import MODES, member_dirs
     from neox_progressive.runner.family_run import stage_yaml_of
@@ -147,14 +147,14 @@ def family_members(family) -> list[Member]:
         for m in family.members:
             save, yml = member_dirs(family, mode, m.name).checkpoints, stage_yaml_of(family, mode, m.name)
             if yml.is_file() and (save / "latest").is_file():
-                members.append(Member(name=m.name, checkpoint=save, configs=[yml], family=mode))
+                members.append(TrainedMember(name=m.name, checkpoint=save, configs=[yml], family=mode))
     if not members:
         raise UserError(f"{family.path}: no trained members under {family.output_dir} (run `neox-progressive run "
                         f"{family.path}` first, or list checkpoints with --member)")
     return members
 
 
-def dry_run(members: list[Member], s: EvalSettings) -> None:
+def dry_run(members: list[TrainedMember], s: EvalSettings) -> None:
     fams = group_families(members)
     for fam, ms in fams.items():
         print(f"family {fam}:")

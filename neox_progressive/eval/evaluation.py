@@ -25,7 +25,7 @@ from neox_progressive import __version__
 from neox_progressive.errors import UserError
 from neox_progressive.eval.examples import KL_UNITS, Documents, HeldOut, held_out
 from neox_progressive.eval.kl import examples_kl
-from neox_progressive.eval.member import Member, check_same_vocabulary
+from neox_progressive.eval.member import TrainedMember, check_same_vocabulary
 from neox_progressive.eval.perplexity import perplexity
 from neox_progressive.eval.specdec import speculative_generate, target_generate
 
@@ -69,8 +69,8 @@ class EvalSettings:
         return step not in self.skip and (step != "tasks" or bool(self.tasks))
 
 
-def group_families(members: list[Member]) -> dict[str, list[Member]]:
-    fams: dict[str, list[Member]] = {}
+def group_families(members: list[TrainedMember]) -> dict[str, list[TrainedMember]]:
+    fams: dict[str, list[TrainedMember]] = {}
     for m in members:
         fams.setdefault(m.family, []).append(m)
     for fam, ms in fams.items():
@@ -80,7 +80,7 @@ def group_families(members: list[Member]) -> dict[str, list[Member]]:
     return fams
 
 
-def pairs_of(families: dict[str, list[Member]]) -> list[tuple[Member, Member, bool]]:
+def pairs_of(families: dict[str, list[TrainedMember]]) -> list[tuple[TrainedMember, TrainedMember, bool]]:
     """(draft/small, target/large, cross-family?) in evaluation order."""
     out = [(a, b, False) for ms in families.values() for a, b in zip(ms, ms[1:])]
     names = list(families)
@@ -90,7 +90,7 @@ def pairs_of(families: dict[str, list[Member]]) -> list[tuple[Member, Member, bo
     return out
 
 
-def load_held_out(members: list[Member], s: EvalSettings) -> HeldOut:
+def load_held_out(members: list[TrainedMember], s: EvalSettings) -> HeldOut:
     """The perplexity windows, KL examples and prompts the settings ask for (`examples.held_out`)."""
     seq = s.seq_length or min(m.shape.seq_length for m in members)
     if s.kl_on not in KL_UNITS:
@@ -144,7 +144,7 @@ def specdec_eval(draft, target, prompts: list[list[int]], s: EvalSettings, vocab
     return out
 
 
-def member_eval(m: Member, model, held: HeldOut, s: EvalSettings, task_set, device, raw: dict) -> dict:
+def member_eval(m: TrainedMember, model, held: HeldOut, s: EvalSettings, task_set, device, raw: dict) -> dict:
     entry = m.describe()
     if s.wants("ppl"):
         with tqdm(total=s.ppl_windows, desc=f"perplexity {m.label}", disable=s.quiet, file=sys.stderr) as bar:
@@ -162,7 +162,7 @@ def member_eval(m: Member, model, held: HeldOut, s: EvalSettings, task_set, devi
     return entry
 
 
-def pair_eval(a: Member, b: Member, held: HeldOut, s: EvalSettings, device) -> dict:
+def pair_eval(a: TrainedMember, b: TrainedMember, held: HeldOut, s: EvalSettings, device) -> dict:
     vocab = check_same_vocabulary(a, b)
     small, large = a.load(device, s.dtype), b.load(device, s.dtype)
     entry: dict = {"small": a.name, "large": b.name}
@@ -179,7 +179,7 @@ def pair_eval(a: Member, b: Member, held: HeldOut, s: EvalSettings, device) -> d
     return entry
 
 
-def evaluate_family(members: list[Member], s: EvalSettings, log: Callable[[str], None] = print,
+def evaluate_family(members: list[TrainedMember], s: EvalSettings, log: Callable[[str], None] = print,
                     raw: dict | None = None) -> dict:
     """Run every step on the members; returns the report's data (see report.py). lm-eval's raw results go to `raw`."""
     families = group_families(members)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from neox_progressive.errors import UserError
 from neox_progressive.eval.harness import import_lm_eval
-from neox_progressive.eval.member import Member
+from neox_progressive.eval.member import TrainedMember
 from neox_progressive.eval.scoring import target_logprobs
 from neox_progressive.model import Transformer
 from neox_progressive.tokenizer import Tokenizer
@@ -76,7 +76,7 @@ class NeoXProgressiveLM(LM):
             if not checkpoint or not config:
                 raise UserError(f"the {MODEL_NAME} lm-eval model needs checkpoint=DIR and config=FILE.yml[:FILE2.yml]")
             configs = config if isinstance(config, (list, tuple)) else str(config).split(":")
-            member = Member(name=Path(checkpoint).name, checkpoint=Path(checkpoint), configs=[Path(c) for c in configs])
+            member = TrainedMember(name=Path(checkpoint).name, checkpoint=Path(checkpoint), configs=[Path(c) for c in configs])
             tokenizer = member.tokenizer
             model = member.load(self._device, dtype)
         if tokenizer is None:

@@ -24,7 +24,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
-class Member:
+class TrainedMember:
+    """A trained family member: a NeoX checkpoint plus the YAML config(s) it was trained with."""
+
     name: str
     checkpoint: Path
     configs: list[Path]
@@ -33,7 +35,7 @@ class Member:
     _model: Transformer | None = field(default=None, repr=False)
 
     @classmethod
-    def parse(cls, spec: str) -> Member:
+    def parse(cls, spec: str) -> TrainedMember:
         """`[FAMILY/]NAME=CHECKPOINT:CONFIG.yml[,CONFIG2.yml]`."""
         name, sep, rest = spec.partition("=")
         ckpt, sep2, cfgs = rest.rpartition(":")
@@ -101,7 +103,7 @@ class Member:
                 "padded_vocab_size": s.padded_vocab_size, "seq_length": s.seq_length}
 
 
-def check_same_vocabulary(a: Member, b: Member) -> int:
+def check_same_vocabulary(a: TrainedMember, b: TrainedMember) -> int:
     """The vocabulary size two members are compared over; UserError if their tokenizers differ."""
     if a.has_tokenizer() and b.has_tokenizer():
         ta, tb = a.tokenizer, b.tokenizer

@@ -43,10 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from neox_progressive.errors import CheckFailed, UserError
+from neox_progressive.family.spec import MODES
 from neox_progressive.runner.engines import Engine, TrainResult, stage_save_dir
 from neox_progressive.runner.state import RunState, config_digest, digest, inputs_match, raw_digest
-
-MODES = ("progressive", "independent")
 
 
 @dataclass
