@@ -77,6 +77,8 @@ def test_task_not_available_offline(setup, capsys, tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets_cache", raising=False)
     (tmp_path / "remote.yaml").write_text(yaml.safe_dump({
         "task": "needs_remote_data", "dataset_path": "neox-progressive-tests/no-such-dataset", "test_split": "test",
         "output_type": "loglikelihood", "doc_to_text": "{{a}}", "doc_to_target": "{{b}}",
@@ -86,6 +88,8 @@ def test_task_not_available_offline(setup, capsys, tmp_path, monkeypatch):
     assert code == 2
     assert "task 'needs_remote_data' could not load neox-progressive-tests/no-such-dataset" in err
     assert "HF_DATASETS_OFFLINE=1" in err and "--include-path" in err
+    # the hint names the HF cache this machine reads ($HF_HOME) and the folder `datasets` itself looks in
+    assert f"into {tmp_path / 'hf_home'} here" in err and f"reads: {tmp_path / 'datasets_cache'})" in err
 
 
 def test_unknown_task_gets_a_suggestion(setup, capsys, tmp_path):

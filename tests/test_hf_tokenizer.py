@@ -141,11 +141,25 @@ def test_model_reader_equals_protobuf(tmp_path):
         ours, theirs = read_spm(data), pb.ModelProto.FromString(data)
         assert ours.pieces == [(p.piece, pytest.approx(p.score), p.type) for p in theirs.pieces]
         t, n = theirs.trainer_spec, theirs.normalizer_spec
-        assert (ours.model_type, ours.byte_fallback, ours.treat_whitespace_as_suffix, ours.unk_surface) == \
-            (t.model_type, t.byte_fallback, t.treat_whitespace_as_suffix, t.unk_surface)
+        assert (ours.model_type, ours.byte_fallback, ours.treat_whitespace_as_suffix, ours.unk_surface, ours.eos_piece) == \
+            (t.model_type, t.byte_fallback, t.treat_whitespace_as_suffix, t.unk_surface, t.eos_piece)
         assert (ours.normalizer, ours.charsmap, ours.add_dummy_prefix, ours.remove_extra_whitespaces,
                 ours.escape_whitespaces) == (n.name, n.precompiled_charsmap, n.add_dummy_prefix, n.remove_extra_whitespaces,
                                              n.escape_whitespaces)
+
+
+def test_dry_run_checks_everything_and_writes_nothing(tmp_path, tok_files, capsys):
+    ck, yml = member(tmp_path, "m", tok_files["spm_bpe"])
+    out = tmp_path / "hf"
+    assert main(["export-hf", str(ck), "--config", str(yml), "--out", str(out), "--dry-run", "--format", "json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["dry_run"] and plan["tokenizer"] == "SPMTokenizer" and plan["architecture"] == "LlamaForCausalLM"
+    assert plan["eos_token_id"] == config_tokenizer(yaml.safe_load(yml.read_text())).eod
+    assert not out.exists()
+    cfg = {**yaml.safe_load(yml.read_text()), "vocab_file": str(tmp_path / "gone.model")}
+    yml.write_text(yaml.safe_dump(cfg))
+    assert main(["export-hf", str(ck), "--config", str(yml), "--out", str(out), "--dry-run"]) == 2  # the same checks
+    assert "gone.model" in capsys.readouterr().err and not out.exists()
 
 
 def _run(args, capsys):

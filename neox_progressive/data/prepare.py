@@ -145,7 +145,7 @@ def _require_text(documents: Callable[[], Iterable[str]], valid_fraction: float,
 
 def _tokenize(documents, out: str, tokenizer: Path, valid_out: str | None, valid_fraction: float, append_eod: bool,
               eod_token: str | None, quiet: bool, inputs: list[str] | None) -> PreparedData:
-    from tqdm import tqdm
+    from neox_progressive.progress import progress_bar
 
     tok = file_tokenizer(tokenizer)
     eod = _eod(tok, eod_token) if append_eod else None
@@ -156,7 +156,7 @@ def _tokenize(documents, out: str, tokenizer: Path, valid_out: str | None, valid
                           eod, dtype=dtype.__name__, inputs=list(inputs or []))
     train_b = DatasetBuilder(out, dtype, force=True)
     valid_b = DatasetBuilder(valid_out, dtype, force=True) if valid_out else None
-    with train_b, (valid_b or _Null()), tqdm(unit="doc", disable=quiet, desc="tokenizing") as bar:
+    with train_b, (valid_b or _Null()), progress_bar(unit="doc", quiet=quiet, desc="tokenizing") as bar:
         batch: list[str] = []
 
         def flush():

@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
-from tqdm import tqdm
 
 from neox_progressive import __version__
 from neox_progressive.errors import UserError
@@ -27,46 +24,9 @@ from neox_progressive.eval.examples import KL_UNITS, Documents, HeldOut, held_ou
 from neox_progressive.eval.kl import examples_kl
 from neox_progressive.eval.member import TrainedMember, check_same_vocabulary
 from neox_progressive.eval.perplexity import perplexity
+from neox_progressive.eval.settings import EvalSettings
 from neox_progressive.eval.specdec import speculative_generate, target_generate
-
-STEPS = ("ppl", "tasks", "kl", "specdec")
-
-
-@dataclass
-class EvalSettings:
-    data: str | None = None
-    """NeoX mmap prefix of held-out data (valid_data_paths)."""
-    text: str | None = None
-    """Or a .jsonl / text file, tokenized with the members' tokenizer."""
-    seq_length: int | None = None
-    """Window length and KL example truncation (default: the smallest member seq_length)."""
-    ppl_windows: int = 64
-    kl_examples: int = 64
-    """KL examples (the paper: 10,000)."""
-    kl_on: str = "documents"
-    """What a KL example is: validation documents sampled with `seed` (App. F, our reading), or windows."""
-    batch_size: int = 4
-    prompts: int = 16
-    """Speculative decoding prompts, sampled with `seed` from validation documents (the paper: 1,000)."""
-    prompt_tokens: int = 32
-    new_tokens: int = 64
-    draft_len: int = 8
-    modes: tuple[str, ...] = ("greedy", "sampled")
-    temperature: float = 1.0
-    seed: int = 0
-    tasks: list[str] = field(default_factory=list)
-    include_paths: list[str] = field(default_factory=list)
-    limit: int | None = None
-    num_fewshot: int | None = None
-    bootstrap_iters: int = 100
-    device: str = "auto"
-    dtype: str = "fp32"
-    vocab_chunk: int | None = None
-    skip: tuple[str, ...] = ()
-    quiet: bool = False
-
-    def wants(self, step: str) -> bool:
-        return step not in self.skip and (step != "tasks" or bool(self.tasks))
+from neox_progressive.progress import progress_bar
 
 
 def group_families(members: list[TrainedMember]) -> dict[str, list[TrainedMember]]:
@@ -147,7 +107,7 @@ def specdec_eval(draft, target, prompts: list[list[int]], s: EvalSettings, vocab
 def member_eval(m: TrainedMember, model, held: HeldOut, s: EvalSettings, task_set, device, raw: dict) -> dict:
     entry = m.describe()
     if s.wants("ppl"):
-        with tqdm(total=s.ppl_windows, desc=f"perplexity {m.label}", disable=s.quiet, file=sys.stderr) as bar:
+        with progress_bar(total=s.ppl_windows, desc=f"perplexity {m.label}", quiet=s.quiet) as bar:
             entry["perplexity"] = perplexity(model, held.windows[:s.ppl_windows], batch_size=s.batch_size,
                                              progress=bar.update).to_dict()
     if s.wants("tasks"):
@@ -168,7 +128,7 @@ def pair_eval(a: TrainedMember, b: TrainedMember, held: HeldOut, s: EvalSettings
     entry: dict = {"small": a.name, "large": b.name}
     if s.wants("kl"):
         n = len(held.kl_examples)
-        with tqdm(total=n, desc=f"KL {a.label} || {b.label}", disable=s.quiet, file=sys.stderr) as bar:
+        with progress_bar(total=n, desc=f"KL {a.label} || {b.label}", quiet=s.quiet) as bar:
             res = examples_kl(small, large, held.kl_examples, batch_size=s.batch_size, vocab_size=vocab,
                               vocab_chunk=s.vocab_chunk, unit=s.kl_on, progress=bar.update)
         entry["kl"] = res.to_dict()

@@ -159,11 +159,11 @@ def run_plan(plan: ExpansionPlan, reader: CheckpointReader, out: str | Path, *, 
 
     `record` (the expansion.json content) is completed with the results of `pending` at the end.
     """
-    from tqdm import tqdm
+    from neox_progressive.progress import progress_bar
 
     dst = plan.dst
     reader = finite.guard(reader, allow_nonfinite, plan.dtype)  # NaN/Inf (unless --allow-nonfinite), mixed dtypes
-    bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="expand", disable=quiet, file=sys.stderr)
+    bar = progress_bar(total=plan.total_bytes, unit="B", unit_scale=True, desc="expand", quiet=quiet)
     writer = CheckpointWriter(out, dst, force=force, configs=configs, need_bytes=plan.total_bytes)
     with bar, writer as w, ThreadPoolExecutor(1) as pool:
         save = _Saver(pool)  # the next part is computed while the previous one is saved
