@@ -29,7 +29,6 @@ depends on:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -166,39 +165,6 @@ def gelu_intermediate_size(ffn_width: int, multiple_of: int = 1) -> int:
             f"a multiple of {2 * multiple_of}, e.g. {2 * multiple_of * math.ceil(ffn_width / (2 * multiple_of))}"
         )
     return ffn_width
-
-
-def tokenizer_vocab_size(cfg: dict[str, Any], base_dir: Path | None = None) -> int | None:
-    """The unpadded vocab size of the config's tokenizer, or None if its file is not here.
-
-    Reads the files directly (no tokenizer library needed for HF JSON or GPT-2 BPE).
-    """
-    ttype = str(cfg.get("tokenizer_type") or NEOX_DEFAULTS["tokenizer_type"]).lower()
-    if ttype == "charleveltokenizer":
-        return 512
-    vocab_file = cfg.get("vocab_file")
-    if not vocab_file:
-        return None
-    path = Path(vocab_file)
-    if not path.is_absolute() and base_dir is not None and not path.exists():
-        path = base_dir / path
-    if not path.is_file():
-        return None
-    if ttype in ("hftokenizer",):
-        data = json.loads(path.read_text())
-        vocab = data.get("model", {}).get("vocab", {})
-        ids = set(vocab.values()) if isinstance(vocab, dict) else set(range(len(vocab)))
-        ids |= {tok["id"] for tok in data.get("added_tokens", [])}
-        return len(ids)
-    if ttype in ("gpt2bpetokenizer", "hfgpt2tokenizer"):
-        return len(json.loads(path.read_text()))
-    if ttype == "spmtokenizer":
-        try:
-            import sentencepiece as spm
-        except ImportError:
-            return None
-        return int(spm.SentencePieceProcessor(model_file=str(path)).vocab_size())
-    return None
 
 
 def pad_vocab(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -451,7 +417,10 @@ class ModelShape:
                 )
         tp = int(get("model_parallel_size"))
         divisible = int(get("make_vocab_size_divisible_by"))
-        vocab = tokenizer_vocab_size(cfg, base_dir)
+        from neox_progressive.tokenizer import config_vocabulary
+
+        known = config_vocabulary(cfg, base_dir, required=False)
+        vocab = known.size if known is not None else None
         padded = pad_vocab(vocab, divisible, tp) if vocab is not None else None
         seq = cfg.get("seq_length") or cfg.get("max_position_embeddings") or 2048
         precision = str(get("precision") or "fp32").lower()

@@ -11,7 +11,7 @@ What is written, per NeoX `tokenizer_type` (megatron/tokenizer/tokenizer.py):
 
 Special ids (config.json, generation_config.json, tokenizer_config.json): NeoX separates documents
 with its EOD token and never adds a BOS, so eos = the EOD (`<|endoftext|>`, or the first of
-`</s>`, `<|end_of_text|>`, `<eos>` the vocabulary has: eval/tokenizer.py's rule) and bos = the
+`</s>`, `<|end_of_text|>`, `<eos>` the vocabulary has: the one EOD rule of tokenizer.py) and bos = the
 same token (the token a document follows in training: our reading, GPT-2's convention); pad =
 `<|padding|>` where the vocabulary has it (NeoX's HFTokenizer pad), else eos. `--bos-id` and
 `--eos-id` override. No BOS/EOS is added to encoded text, as NeoX.
@@ -100,7 +100,7 @@ def _special(name: str, wanted: int | None, default: int | None, vocab: dict[int
 def export_tokenizer(cfg: dict[str, Any], base_dir: Path | None, vocab_rows: int, *, seq_length: int = 2048,
                      bos: int | None = None, eos: int | None = None) -> ExportTokenizer:
     """The tokenizer a merged NeoX config names, ready for an export whose embedding has `vocab_rows` rows."""
-    from neox_progressive.eval.tokenizer import _resolve, load_tokenizer
+    from neox_progressive.tokenizer import config_tokenizer, resolve_file
 
     ttype = str(cfg.get("tokenizer_type") or "GPT2BPETokenizer")
     kind = next((k for k in KINDS if k.lower() == ttype.lower()), None)
@@ -111,7 +111,7 @@ def export_tokenizer(cfg: dict[str, Any], base_dir: Path | None, vocab_rows: int
         raise UserError(f"config key vocab_file is not set, so export-hf cannot write the member's {kind} tokenizer "
                         "(AutoTokenizer, lm-eval and vLLM need it): set vocab_file as in the member's training config, "
                         "or pass --no-tokenizer")
-    tok = load_tokenizer(cfg, base_dir)
+    tok = config_tokenizer(cfg, base_dir)
     path = Path(tok.path)
     if tok.vocab_size > vocab_rows:
         raise UserError(f"the tokenizer {path} has {tok.vocab_size} tokens but the checkpoint's embedding only "
@@ -128,12 +128,12 @@ def export_tokenizer(cfg: dict[str, Any], base_dir: Path | None, vocab_rows: int
         files["tokenizer.model"] = data
         cls = "PreTrainedTokenizerFast"
     else:
-        merges = _resolve(cfg.get("merge_file"), base_dir, "merge_file", kind)
+        merges = resolve_file(cfg.get("merge_file"), base_dir, "merge_file", kind)
         files.update({"vocab.json": path.read_bytes(), "merges.txt": merges.read_bytes()})
         cls = "GPT2Tokenizer"
     vocab = _vocab_of(kind, path, spm_model)
     source = str(path)
-    eos_s = _special("eos", eos, tok.eot_id, vocab, source)
+    eos_s = _special("eos", eos, tok.eod, vocab, source)
     bos_s = _special("bos", bos, eos_s[0], vocab, source)
     pad_id = next((i for i, t in vocab.items() if t == PAD_TOKEN), eos_s[0])
     specials = {"bos": bos_s, "eos": eos_s, "pad": (pad_id, vocab[pad_id])}

@@ -63,6 +63,8 @@ class SpmModel:
     escape_whitespaces: bool = True
     unk_surface: str = " \u2047 "
     """What decoding shows for the unknown piece."""
+    eos_piece: str = "</s>"
+    """The end-of-sentence piece (SentencePiece's eos_id() is its id where it is a control piece)."""
 
     def ids_of(self, kind: int) -> list[int]:
         return [i for i, p in enumerate(self.pieces) if p[2] == kind]
@@ -118,7 +120,8 @@ def read_spm(data: bytes, name: str = "the SentencePiece model") -> SpmModel:
                         kind = v
                 pieces.append((piece, score, kind))
             elif num == 2:
-                names = {3: "model_type", 24: "treat_whitespace_as_suffix", 35: "byte_fallback", 44: "unk_surface"}
+                names = {3: "model_type", 24: "treat_whitespace_as_suffix", 35: "byte_fallback", 44: "unk_surface",
+                         47: "eos_piece"}
                 kw.update({names[n]: v for n, v in _fields(value) if n in names})
             elif num == 3:
                 for n, v in _fields(value):
@@ -135,8 +138,9 @@ def read_spm(data: bytes, name: str = "the SentencePiece model") -> SpmModel:
     for key in ("byte_fallback", "treat_whitespace_as_suffix"):
         if key in kw:
             kw[key] = bool(kw[key])
-    if "unk_surface" in kw:
-        kw["unk_surface"] = kw["unk_surface"].decode("utf-8")
+    for key in ("unk_surface", "eos_piece"):
+        if key in kw:
+            kw[key] = kw[key].decode("utf-8")
     return SpmModel(pieces=pieces, **kw)
 
 

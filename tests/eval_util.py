@@ -10,7 +10,7 @@ import torch
 from tiny import random_sd, tiny_shape, write_yaml
 
 from neox_progressive.config import ModelShape
-from neox_progressive.eval.member import Member
+from neox_progressive.eval.member import TrainedMember
 from neox_progressive.eval.tasks import stdlib_paragraphs
 from neox_progressive.io.writer import write_checkpoint
 
@@ -66,7 +66,7 @@ def repeat_after_itself(sd: dict[str, torch.Tensor], token: int) -> None:
 
 
 def make_member(root: Path, name: str, tokenizer: Path, seed: int = 0, std: float = 0.15, family: str = "family",
-                repeat_token: int | None = None, **shape_kw) -> Member:
+                repeat_token: int | None = None, **shape_kw) -> TrainedMember:
     """A member with random weights: NeoX checkpoint + YAML naming the tokenizer (vocab padded to 64).
     With `repeat_token`, that token continues itself greedily (`repeat_after_itself`)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -77,16 +77,16 @@ def make_member(root: Path, name: str, tokenizer: Path, seed: int = 0, std: floa
     if repeat_token is not None:
         repeat_after_itself(sd, repeat_token)
     write_checkpoint(root / name, shape, sd)
-    return Member(name=name, checkpoint=root / name, configs=[cfg], family=family)
+    return TrainedMember(name=name, checkpoint=root / name, configs=[cfg], family=family)
 
 
-def hf_export(member: Member, out: Path) -> Path:
+def hf_export(member: TrainedMember, out: Path) -> Path:
     """LlamaForCausalLM dir + a fast tokenizer (eos = <|endoftext|>) that lm-eval's HFLM can load."""
     from transformers import PreTrainedTokenizerFast
 
     from neox_progressive.hf import export_hf
 
-    eot = member.tokenizer.eot_id
+    eot = member.tokenizer.eod
     export_hf(member.reader, out, eos=eot, bos=eot)
     tok = PreTrainedTokenizerFast(tokenizer_file=str(member.tokenizer.path), eos_token=EOT, bos_token=EOT)
     tok.save_pretrained(str(out))

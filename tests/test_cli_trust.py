@@ -80,7 +80,8 @@ def test_read_only_destinations(tmp_path, ck, fam):
     ro = tmp_path / "ro"
     for args, what in [
         (expand_args(ck, ro / "out"), f"--out {ro / 'out'}: {ro} is on a read-only file system"),
-        (["export-hf", ck / "src", "--config", ck / "src.yml", "--out", ro / "hf", "--no-tokenizer", "--quiet"], f"{ro} is on a read-only"),
+        (["export-hf", ck / "src", "--config", ck / "src.yml", "--out", ro / "hf", "--no-tokenizer", "--quiet"],
+         f"{ro} is on a read-only"),
         (["eval", "--member", f"s={ck / 'src'}:{ck / 'src.yml'}", "--text", ck / "src.yml", "--out", ro / "report"],
          f"--out {ro / 'report'}: {ro} is on a read-only file system"),
     ]:

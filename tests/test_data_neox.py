@@ -9,7 +9,8 @@ from neox_run import neox_dir, neox_python
 from train_util import make_data
 
 from neox_progressive.cli import main
-from neox_progressive.data import MMapDataset, cut_windows, load_tokenizer
+from neox_progressive.data import MMapDataset, cut_windows
+from neox_progressive.tokenizer import file_tokenizer
 
 pytestmark = pytest.mark.neox
 
@@ -51,7 +52,7 @@ def test_neox_preprocess_equals_prepare_data(tmp_path, data, kind):
     for suffix in (".bin", ".idx"):
         assert (tmp_path / f"ours{suffix}").read_bytes() == (tmp_path / f"neox_text_document{suffix}").read_bytes()
     # and our reader sees NeoX's documents: tokens of each text, then the EOD id
-    ds, tok = MMapDataset(neox_prefix), load_tokenizer(vocab)
+    ds, tok = MMapDataset(neox_prefix), file_tokenizer(vocab)
     want = [ids + [tok.eod] for ids in tok.encode_batch(data["docs"][:60])]
     assert [ds[i].tolist() for i in range(len(ds))] == want
 

@@ -6,7 +6,7 @@ import pytest
 import sentencepiece as spm
 
 from neox_progressive.cli import main
-from neox_progressive.data import MMapDataset, load_tokenizer, read_documents, stdlib_corpus
+from neox_progressive.data import MMapDataset, read_documents, stdlib_corpus
 from neox_progressive.errors import UserError
 
 
@@ -63,7 +63,10 @@ def test_errors_and_dry_run(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text("not json\n")
     assert main(["prepare-data", str(tmp_path / "a.jsonl"), "--tokenizer", str(tmp_path / "noeod.json"),
                  "--out", str(tmp_path / "o"), "--jsonl-key", "txt"]) == 2
-    assert "has no token '<|endoftext|>'" in capsys.readouterr().err
+    assert "has no end-of-document token (none of <|endoftext|>, </s>" in capsys.readouterr().err
+    assert main(["prepare-data", str(tmp_path / "a.jsonl"), "--tokenizer", str(tmp_path / "noeod.json"),
+                 "--out", str(tmp_path / "o"), "--jsonl-key", "txt", "--eod-token", "</s>"]) == 2
+    assert "has no token '</s>' (--eod-token)" in capsys.readouterr().err
     assert main(["prepare-data", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "o")]) == 2
     assert "no key 'text'" in capsys.readouterr().err
     assert main(["prepare-data", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o")]) == 2
@@ -77,8 +80,8 @@ def test_errors_and_dry_run(tmp_path, capsys):
         from neox_progressive.data import train_sentencepiece
         train_sentencepiece(["tiny text"], 5000, tmp_path / "t.model")
     assert not (tmp_path / "t.model").exists()
-    with pytest.raises(UserError, match="no token"):
-        load_tokenizer(tmp_path / "noeod.json")
+    from neox_progressive.tokenizer import file_tokenizer
+    assert file_tokenizer(tmp_path / "noeod.json").eod is None
 
 
 def test_existing_outputs_need_force(tmp_path, capsys):

@@ -8,7 +8,7 @@ from eval_util import bpe_tokenizer, make_member
 
 from neox_progressive.cli import main
 from neox_progressive.errors import UserError
-from neox_progressive.eval.member import Member, check_same_vocabulary
+from neox_progressive.eval.member import TrainedMember, check_same_vocabulary
 from neox_progressive.eval.tasks import stdlib_paragraphs
 
 
@@ -50,8 +50,8 @@ def test_members_naming_different_tokenizer_files_without_the_files(setup, tmp_p
         cfg = yaml.safe_load(a.configs[0].read_text()) | {"vocab_file": vocab}
         (tmp_path / f"{name}.yml").write_text(yaml.safe_dump(cfg))
         cfgs.append(tmp_path / f"{name}.yml")
-    x = Member("x", a.checkpoint, [cfgs[0]])
-    y = Member("y", a.checkpoint, [cfgs[1]])
+    x = TrainedMember("x", a.checkpoint, [cfgs[0]])
+    y = TrainedMember("y", a.checkpoint, [cfgs[1]])
     with pytest.raises(UserError, match="name different tokenizers"):
         check_same_vocabulary(x, y)
 
@@ -77,6 +77,8 @@ def test_task_not_available_offline(setup, capsys, tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets_cache", raising=False)
     (tmp_path / "remote.yaml").write_text(yaml.safe_dump({
         "task": "needs_remote_data", "dataset_path": "neox-progressive-tests/no-such-dataset", "test_split": "test",
         "output_type": "loglikelihood", "doc_to_text": "{{a}}", "doc_to_target": "{{b}}",
@@ -86,6 +88,8 @@ def test_task_not_available_offline(setup, capsys, tmp_path, monkeypatch):
     assert code == 2
     assert "task 'needs_remote_data' could not load neox-progressive-tests/no-such-dataset" in err
     assert "HF_DATASETS_OFFLINE=1" in err and "--include-path" in err
+    # the hint names the HF cache this machine reads ($HF_HOME) and the folder `datasets` itself looks in
+    assert f"into {tmp_path / 'hf_home'} here" in err and f"reads: {tmp_path / 'datasets_cache'})" in err
 
 
 def test_unknown_task_gets_a_suggestion(setup, capsys, tmp_path):
@@ -114,4 +118,4 @@ def test_tokenizer_file_missing_for_tasks(setup, tmp_path):
     cfg = yaml.safe_load(a.configs[0].read_text()) | {"vocab_file": str(tmp_path / "missing.json")}
     (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(UserError, match="does not exist on this machine"):
-        Member("A", a.checkpoint, [tmp_path / "c.yml"]).tokenizer  # noqa: B018
+        TrainedMember("A", a.checkpoint, [tmp_path / "c.yml"]).tokenizer  # noqa: B018

@@ -76,8 +76,8 @@ def test_generate_until_equals_transformers_greedy(tmp_path):
                                       arguments=(c, {"until": until, "max_gen_toks": 12})) for c in contexts])
     for context, text in zip(contexts, got, strict=True):
         ids = torch.tensor([tok.encode(context)])
-        out = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=tok.eot_id, pad_token_id=tok.eot_id)
-        new = [t for t in out[0, ids.shape[1]:].tolist() if t != tok.eot_id]
+        out = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=tok.eod, pad_token_id=tok.eod)
+        new = [t for t in out[0, ids.shape[1]:].tolist() if t != tok.eod]
         want = tok.decode(new)
         for u in until:
             want = want.split(u)[0]
@@ -156,3 +156,32 @@ def test_a_second_task_directory_with_the_same_names_replaces_the_first(tmp_path
     shutil.rmtree(first)
     second = TaskSet([write_example_tasks(tmp_path / "second", n_docs=5)])
     second.check(["stdlib_choice", "stdlib_lastword"])   # reads the datasets: the first directory is gone
+
+
+def test_lm_eval_command_line_with_the_plugin_model(tmp_path):
+    """`python -m neox_progressive.eval.lm_eval_cli --model neox-progressive ...` (lm-eval's own command line with the
+    plugin's model) gives the numbers of lm-eval's `--model hf` on the HF export of the same member."""
+    from eval_util import bpe_tokenizer, hf_export, make_member
+
+    from neox_progressive.eval.tasks import write_example_tasks
+
+    member = make_member(tmp_path, "m", bpe_tokenizer(tmp_path / "tokenizer.json"), std=0.08)
+    hf_dir = hf_export(member, tmp_path / "hf")
+    tasks = write_example_tasks(tmp_path / "tasks", n_docs=6)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS)]), HF_DATASETS_OFFLINE="1",
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    results = {}
+    for name, entry, model_args in (
+            ("ours", ["-m", "neox_progressive.eval.lm_eval_cli", "--model", "neox-progressive"],
+             f"checkpoint={member.checkpoint},config={member.configs[0]}"),
+            # lm-eval's HFLM through the same entry (plain `python -m lm_eval` cannot start offline under lm-eval 0.4.1)
+            ("hf", ["-m", "neox_progressive.eval.lm_eval_cli", "--model", "hf"], f"pretrained={hf_dir},dtype=float32")):
+        out = tmp_path / f"out_{name}"
+        proc = subprocess.run([sys.executable, *entry, "--model_args", model_args, "--tasks", "stdlib_lastword,stdlib_choice",
+                               "--include_path", str(tasks), "--limit", "6", "--device", "cpu", "--batch_size", "3",
+                               "--output_path", str(out)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[name] = json.loads(next(out.rglob("results*.json")).read_text())["results"]
+    for task in ("stdlib_lastword", "stdlib_choice"):
+        assert results["ours"][task]["acc,none"] == pytest.approx(results["hf"][task]["acc,none"], abs=1e-9), task

@@ -95,6 +95,11 @@ def test_patches_apply_check_and_revert_cleanly(neox_copy, capsys):
     assert "not applied" in capsys.readouterr().out
     assert main(["neox-patch", "--neox-dir", str(neox_copy), "--dry-run"]) == 0
     assert snapshot(neox_copy) == before
+    capsys.readouterr()
+    assert main(["neox-patch", "--neox-dir", str(neox_copy), "--dry-run", "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["dry_run"] and len(report["changes"]) == len(report["patches"]) >= 3
+    assert {c["action"] for c in report["changes"]} == {"apply"} and snapshot(neox_copy) == before
     assert main(["neox-patch", "--neox-dir", str(neox_copy)]) == 0
     changed = {k for k, v in snapshot(neox_copy).items() if before.get(k) != v}
     assert changed == {"eval_tasks/eval_adapter.py", "megatron/neox_arguments/neox_args.py", "megatron/training.py",

@@ -3,7 +3,7 @@
 NeoX encodes with `SentencePieceProcessor.encode` (SPMTokenizer), `tokenizers.Tokenizer.encode(text).ids`
 (HFTokenizer) and transformers' GPT2Tokenizer on vocab.json + merges.txt (GPT2BPETokenizer). Here the export's
 AutoTokenizer is compared with those libraries called directly, with the plugin's own NeoX-equivalent tokenizer
-(eval/tokenizer.py), and (NEOX_DIR) with NeoX's own tokenizer classes under transformers 4.38 in NeoX's
+(tokenizer.py), and (NEOX_DIR) with NeoX's own tokenizer classes under transformers 4.38 in NeoX's
 virtualenv. Tokenizers are trained here on standard-library docstrings (no downloads)."""
 
 import json
@@ -17,8 +17,8 @@ from hf_export_util import EOT, export, gpt2_files, member, spm_raw, spm_tokeniz
 
 from neox_progressive.cli import main
 from neox_progressive.eval.tasks import stdlib_paragraphs
-from neox_progressive.eval.tokenizer import load_tokenizer
 from neox_progressive.spm_json import read_spm, spm_tokenizer_json
+from neox_progressive.tokenizer import config_tokenizer
 
 sentencepiece = pytest.importorskip("sentencepiece")
 tokenizers = pytest.importorskip("tokenizers")
@@ -65,12 +65,12 @@ def test_autotokenizer_of_the_export_gives_neox_ids(tok_files, exports, kind):
     cfg, out = tok_files[kind], exports[kind]
     auto = transformers.AutoTokenizer.from_pretrained(str(out))
     encode, decode = reference(kind, cfg)
-    ours = load_tokenizer(cfg)  # the plugin's NeoX-equivalent tokenizer (evaluation, data)
+    ours = config_tokenizer(cfg)  # the plugin's NeoX-equivalent tokenizer (evaluation, data)
     for text in texts() + ["reserved pieces spelled out: <unk> <s> </s> <0x41> <|padding|>"]:
         ids = auto(text).input_ids
         assert ids == auto.encode(text) == encode(text) == ours.encode(text), (kind, text[:60])
         assert auto.decode(ids) == decode(ids), (kind, text[:60])
-    eot = ours.eot_id
+    eot = ours.eod
     assert eot is not None and auto.convert_ids_to_tokens(eot) == EOT
     assert (auto.eos_token_id, auto.bos_token_id) == (eot, eot) and auto.pad_token_id is not None
     for name in ("config.json", "generation_config.json"):
@@ -141,11 +141,25 @@ def test_model_reader_equals_protobuf(tmp_path):
         ours, theirs = read_spm(data), pb.ModelProto.FromString(data)
         assert ours.pieces == [(p.piece, pytest.approx(p.score), p.type) for p in theirs.pieces]
         t, n = theirs.trainer_spec, theirs.normalizer_spec
-        assert (ours.model_type, ours.byte_fallback, ours.treat_whitespace_as_suffix, ours.unk_surface) == \
-            (t.model_type, t.byte_fallback, t.treat_whitespace_as_suffix, t.unk_surface)
+        assert (ours.model_type, ours.byte_fallback, ours.treat_whitespace_as_suffix, ours.unk_surface, ours.eos_piece) == \
+            (t.model_type, t.byte_fallback, t.treat_whitespace_as_suffix, t.unk_surface, t.eos_piece)
         assert (ours.normalizer, ours.charsmap, ours.add_dummy_prefix, ours.remove_extra_whitespaces,
                 ours.escape_whitespaces) == (n.name, n.precompiled_charsmap, n.add_dummy_prefix, n.remove_extra_whitespaces,
                                              n.escape_whitespaces)
+
+
+def test_dry_run_checks_everything_and_writes_nothing(tmp_path, tok_files, capsys):
+    ck, yml = member(tmp_path, "m", tok_files["spm_bpe"])
+    out = tmp_path / "hf"
+    assert main(["export-hf", str(ck), "--config", str(yml), "--out", str(out), "--dry-run", "--format", "json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["dry_run"] and plan["tokenizer"] == "SPMTokenizer" and plan["architecture"] == "LlamaForCausalLM"
+    assert plan["eos_token_id"] == config_tokenizer(yaml.safe_load(yml.read_text())).eod
+    assert not out.exists()
+    cfg = {**yaml.safe_load(yml.read_text()), "vocab_file": str(tmp_path / "gone.model")}
+    yml.write_text(yaml.safe_dump(cfg))
+    assert main(["export-hf", str(ck), "--config", str(yml), "--out", str(out), "--dry-run"]) == 2  # the same checks
+    assert "gone.model" in capsys.readouterr().err and not out.exists()
 
 
 def _run(args, capsys):

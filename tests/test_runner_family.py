@@ -130,6 +130,14 @@ def test_dry_run_prints_steps_and_commands_and_writes_nothing(data, tmp_path, ca
     # the first member, the same model in both families, is trained once: the independent family reuses it
     assert "[independent] s/train: reuse progressive s (the same model" in out and "[independent] s/train: train" not in out
     assert not (tmp_path / "out").exists()
+    assert main(["run", str(fam), "--dry-run", "--mode", "both", "--format", "json"]) == 0
+    plan = json.loads(capsys.readouterr().out)  # the same listing as data
+    steps = {r["mode"]: {s["step"]: s for s in r["steps"]} for r in plan["runs"]}
+    assert plan["dry_run"] and set(steps) == {"progressive", "independent"}
+    assert steps["progressive"]["m/expand"]["command"].startswith("neox-progressive expand --src")
+    assert "m/expand" not in steps["independent"] and not any(s["done"] for r in steps.values() for s in r.values())
+    assert steps["independent"]["s/train"]["does"].startswith("reuse progressive s (the same model")
+    assert not (tmp_path / "out").exists()
     neox = tmp_path / "neox"
     neox.mkdir()
     (neox / "deepy.py").write_text("")

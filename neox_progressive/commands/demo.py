@@ -55,6 +55,10 @@ def add_arguments(p) -> None:
                    help=f"train both families this many times, seeds 1..N (default {DEFAULT_SEEDS}); the summary says "
                    "whether each progressive-vs-independent difference is larger than the spread between seeds")
     p.add_argument("--quiet", action="store_true", help="only the final tables")
+    p.add_argument("--dry-run", action="store_true", help="print the family's budgets and what would be written; "
+                   "prepare, train and write nothing")
+    p.add_argument("--format", choices=["text", "json"], default="text",
+                   help="the format of the final summary (json: the results, the report dirs and the plot)")
     p.add_argument("--family", default=str(FAMILY_FILE), metavar="FILE",
                    help="a tiny family file to run instead of the built-in Llama-shape one, e.g. "
                         f"{PYTHIA_FAMILY_FILE.relative_to(FAMILY_FILE.parents[2])} (NeoX's classic transformer); its "
@@ -97,6 +101,27 @@ def demo_family(out: Path, data: dict, seed: int, family_file: str | Path = FAMI
     })
 
 
+def _dry_run(out: Path, args) -> int:
+    """The budgets of the demo's family and the directories a run would write (nothing is prepared or written)."""
+    from neox_progressive.family import plan_family
+    from neox_progressive.family.report import plan_json, plan_summary, plan_table
+
+    prefix = out / "data" / "stdlib"
+    data = {"train": str(prefix), "valid": f"{prefix}_valid", "tokenizer": f"{prefix}.tokenizer.model"}
+    families = [demo_family(out, data, seed, args.family) for seed in range(1, args.seeds + 1)]
+    plan = plan_family(families[0], "progressive")
+    writes = {"data": str(prefix.parent), "families": [str(f.output_dir) for f in families],
+              "plot": str(out / "loss_vs_flops.png")}
+    if args.format == "json":
+        print(json.dumps({"out": str(out), "dry_run": True, "replaces_out": bool(args.force and out.exists()),
+                          "writes": writes, "plan": plan_json(families[0], plan)}, indent=1, default=str))
+        return 0
+    print("\n".join(plan_table(plan) + plan_summary(plan)))
+    print(f"dry run: nothing written; would write {writes['data']} (data, tokenizer), "
+          f"{', '.join(writes['families'])} (both families per seed) and {writes['plot']}")
+    return 0
+
+
 def report_losses(reports: list[dict | None]) -> list[str]:
     """Each seed's validation loss per member as the evaluation report measures it (all members on the same windows)."""
     rows, windows = {}, None
@@ -128,6 +153,8 @@ def run(args) -> int:
     if args.seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {args.seeds}")
     out = Path(args.out).resolve()
+    if args.dry_run:
+        return _dry_run(out, args)
     if out.exists() and args.force:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -149,6 +176,10 @@ def run(args) -> int:
         if seed == 1:
             first = (runs, report)
     results, names, plot = summary.summarize(first[0], out / "loss_vs_flops.png")
+    if args.format == "json":
+        print(json.dumps({"results": results, "plot": str(plot) if plot else None, "reports": reports,
+                          "findings": seeds_summary([r for r in reports if r])}, indent=1, default=str))
+        return 0
     print("\nfinal validation losses (seed 1; each run's own evaluation: its first eval_iters x global batch "
           "validation samples, 16 for s and m, 32 for l):")
     print(summary.summary_text(results, names, plot, first[1]))

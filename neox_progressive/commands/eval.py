@@ -27,14 +27,19 @@ Writes report.md, report.json, PNG plots and lm_eval/*.json into --out (atomical
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from neox_progressive.cli_options import add_flags, values_of
 from neox_progressive.errors import UserError
-from neox_progressive.eval.evaluation import STEPS, EvalSettings, evaluate_family, group_families, pairs_of
-from neox_progressive.eval.member import Member
+from neox_progressive.eval.settings import STEPS, TASKS, EvalSettings
+
+if TYPE_CHECKING:  # torch loads when the verb runs, not for --help
+    from neox_progressive.eval.member import TrainedMember
 
 HELP = "evaluate a family: perplexity, lm-eval tasks, adjacent-pair KL and speculative decoding, report"
 EXAMPLES = """
@@ -57,38 +62,12 @@ def add_arguments(p) -> None:
     p.add_argument("--out", help="output directory for report.md / report.json / plots")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--dry-run", action="store_true", help="print what would be evaluated; load no weights")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    d = p.add_argument_group("held-out data")
-    d.add_argument("--data", help="NeoX mmap prefix of held-out data (without .bin/.idx)")
-    d.add_argument("--text", help="or a .jsonl ('text' key) / text file, tokenized with the members' tokenizer")
-    d.add_argument("--seq-length", type=int, help="tokens per window, and the truncation of KL documents (default: "
-                   "the smallest member seq_length)")
-    d.add_argument("--ppl-windows", type=int, default=64, help="windows for perplexity (default 64)")
-    d.add_argument("--kl-examples", type=int, default=64, help="examples for KL (paper: 10000; default 64)")
-    d.add_argument("--kl-on", choices=["documents", "windows"], default="documents",
-                   help="KL examples: validation documents sampled with --seed, each truncated to the sequence length "
-                   "(default; our reading of App. F), or the first windows of the token stream")
-    d.add_argument("--batch-size", type=int, default=4)
-    s = p.add_argument_group("speculative decoding")
-    s.add_argument("--draft-len", type=int, default=8, help="draft tokens per round (paper: 8)")
-    s.add_argument("--prompts", type=int, default=16, help="prompts, sampled with --seed from validation documents "
-                   "(paper: 1000; default 16)")
-    s.add_argument("--prompt-tokens", type=int, default=32)
-    s.add_argument("--new-tokens", type=int, default=64)
-    s.add_argument("--modes", default="greedy,sampled", help="greedy, sampled or both (default)")
-    s.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the sampled mode")
-    t = p.add_argument_group("lm-eval tasks")
-    t.add_argument("--tasks", default="", help="comma-separated lm-eval task names")
-    t.add_argument("--include-path", action="append", default=[], help="directory of local task YAMLs, repeatable")
+    p.add_argument("--format", choices=["text", "json"], default="text", help="output format of the summary")
+    groups: dict = {}
+    add_flags(p, EvalSettings, groups=groups)  # the settings' own flags, help from their docstrings
+    t = groups[TASKS]
     t.add_argument("--example-tasks", action="store_true", help="also run the offline stdlib example tasks")
     t.add_argument("--write-example-tasks", metavar="DIR", help="only write the example tasks into DIR and exit")
-    t.add_argument("--limit", type=int, help="documents per task (default: all)")
-    t.add_argument("--num-fewshot", type=int)
-    p.add_argument("--skip", default="", help=f"steps to skip, comma-separated: {', '.join(STEPS)}")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--seed", type=int, default=0, help="which documents KL and the prompts sample, and the sampled "
-                   "mode's random draws")
 
 
 def _csv(value: str) -> list[str]:
@@ -96,32 +75,29 @@ def _csv(value: str) -> list[str]:
 
 
 def settings_from(args) -> EvalSettings:
-    skip = tuple(_csv(args.skip))
+    kw = values_of(EvalSettings, args)
+    skip = tuple(_csv(kw["skip"]))
     bad = [x for x in skip if x not in STEPS]
-    modes = tuple(_csv(args.modes))
+    modes = tuple(_csv(kw["modes"]))
     if bad:
         raise UserError(f"--skip {','.join(bad)}: unknown step; the steps are {', '.join(STEPS)}")
     if not modes or any(m not in ("greedy", "sampled") for m in modes):
-        raise UserError(f"--modes {args.modes!r}: expected greedy, sampled or greedy,sampled")
+        raise UserError(f"--modes {kw['modes']!r}: expected greedy, sampled or greedy,sampled")
     for name in ("ppl_windows", "kl_examples", "batch_size", "draft_len", "prompts", "prompt_tokens", "new_tokens"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    tasks = _csv(args.tasks)
+        if kw[name] < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {kw[name]}")
+    tasks = _csv(kw["tasks"])
     if args.example_tasks:
         from neox_progressive.eval.tasks import EXAMPLE_TASKS
 
         tasks += [t for t in EXAMPLE_TASKS if t not in tasks]
-    return EvalSettings(
-        data=args.data, text=args.text, seq_length=args.seq_length, ppl_windows=args.ppl_windows,
-        kl_examples=args.kl_examples, kl_on=args.kl_on, batch_size=args.batch_size, prompts=args.prompts,
-        prompt_tokens=args.prompt_tokens,
-        new_tokens=args.new_tokens, draft_len=args.draft_len, modes=modes, temperature=args.temperature, seed=args.seed,
-        tasks=tasks, include_paths=list(args.include_path), limit=args.limit, num_fewshot=args.num_fewshot,
-        device=args.device, dtype=args.dtype, skip=skip, quiet=args.quiet)
+    return EvalSettings(**{**kw, "skip": skip, "modes": modes, "tasks": tasks, "include_paths": list(kw["include_paths"])})
 
 
-def members_from(args, s: EvalSettings) -> list[Member]:
+def members_from(args, s: EvalSettings) -> list[TrainedMember]:
     """The members to evaluate: a family file's trained members (its held-out data unless --data/--text), or --member."""
+    from neox_progressive.eval.member import TrainedMember
+
     if args.family:
         if args.member:
             raise UserError("pass either a family file or --member specs, not both")
@@ -134,11 +110,12 @@ def members_from(args, s: EvalSettings) -> list[Member]:
     if not args.member:
         raise UserError("no members: pass a family file, or --member [FAMILY/]NAME=CHECKPOINT_DIR:CONFIG.yml for each, "
                         "small to large")
-    return [Member.parse(spec) for spec in args.member]
+    return [TrainedMember.parse(spec) for spec in args.member]
 
 
-def family_members(family) -> list[Member]:
+def family_members(family) -> list[TrainedMember]:
     """The trained members of a family's run (`neox-progressive run`), for every mode that has them."""
+    from neox_progressive.eval.member import TrainedMember
     from neox_progressive.family import MODES, member_dirs
     from neox_progressive.runner.family_run import stage_yaml_of
 
@@ -147,28 +124,38 @@ def family_members(family) -> list[Member]:
         for m in family.members:
             save, yml = member_dirs(family, mode, m.name).checkpoints, stage_yaml_of(family, mode, m.name)
             if yml.is_file() and (save / "latest").is_file():
-                members.append(Member(name=m.name, checkpoint=save, configs=[yml], family=mode))
+                members.append(TrainedMember(name=m.name, checkpoint=save, configs=[yml], family=mode))
     if not members:
         raise UserError(f"{family.path}: no trained members under {family.output_dir} (run `neox-progressive run "
                         f"{family.path}` first, or list checkpoints with --member)")
     return members
 
 
-def dry_run(members: list[Member], s: EvalSettings) -> None:
+def dry_run(members: list[TrainedMember], s: EvalSettings, fmt: str = "text") -> None:
+    from neox_progressive.eval.evaluation import group_families, pairs_of
+
     fams = group_families(members)
-    for fam, ms in fams.items():
+    plan = {"families": {fam: [{"name": m.name, "checkpoint": str(m.checkpoint), "format": m.reader.format,
+                                "tp": m.reader.tp, "iteration": m.reader.iteration, "num_layers": m.shape.num_layers,
+                                "hidden_size": m.shape.hidden_size, "params": m.shape.param_count()} for m in ms]
+                         for fam, ms in fams.items()},
+            "steps": [x for x in STEPS if s.wants(x)], "tasks": list(s.tasks),
+            "pairs": [{"draft": a.label, "target": b.label, "cross_family": cross} for a, b, cross in pairs_of(fams)]}
+    if fmt == "json":
+        print(json.dumps(plan, indent=1))
+        return
+    for fam, ms in plan["families"].items():
         print(f"family {fam}:")
         for m in ms:
-            sh = m.shape
-            print(f"  {m.name}: {m.checkpoint} ({m.reader.format}, TP {m.reader.tp}, iteration {m.reader.iteration}), "
-                  f"{sh.num_layers} layers x {sh.hidden_size}, {sh.param_count() / 1e6:.1f}M params")
-    steps = [x for x in STEPS if s.wants(x)]
-    print(f"steps: {', '.join(steps) or 'none'}; tasks: {', '.join(s.tasks) or 'none'}")
-    for a, b, cross in pairs_of(fams):
-        print(f"pair {a.label} -> {b.label}" + (" (cross-family)" if cross else ""))
+            print(f"  {m['name']}: {m['checkpoint']} ({m['format']}, TP {m['tp']}, iteration {m['iteration']}), "
+                  f"{m['num_layers']} layers x {m['hidden_size']}, {m['params'] / 1e6:.1f}M params")
+    print(f"steps: {', '.join(plan['steps']) or 'none'}; tasks: {', '.join(s.tasks) or 'none'}")
+    for pair in plan["pairs"]:
+        print(f"pair {pair['draft']} -> {pair['target']}" + (" (cross-family)" if pair["cross_family"] else ""))
 
 
 def run(args) -> int:
+    from neox_progressive.eval.evaluation import evaluate_family
     from neox_progressive.eval.report import write_report
     from neox_progressive.io.writer import AtomicDir, check_destination
 
@@ -183,7 +170,7 @@ def run(args) -> int:
     s = settings_from(args)
     members = members_from(args, s)
     if args.dry_run:
-        dry_run(members, s)
+        dry_run(members, s, args.format)
         return 0
     check_destination(args.out, args.force)
     with tempfile.TemporaryDirectory(prefix="neox-progressive-tasks-") as tasks_dir:
@@ -197,10 +184,12 @@ def run(args) -> int:
     with AtomicDir(args.out, args.force) as tmp:
         written = write_report(results, tmp)
         if raw:
-            import json
-
             (tmp / "lm_eval").mkdir()
             for label, res in raw.items():
                 (tmp / "lm_eval" / f"{label.replace('/', '_')}.json").write_text(json.dumps(res, indent=2, default=str))
-    print(f"wrote {Path(args.out) / 'report.md'} ({', '.join(p.name for p in written)})")
+    if args.format == "json":
+        print(json.dumps({"out": str(args.out), "report": str(Path(args.out) / "report.md"),
+                          "files": [p.name for p in written]}, indent=1))
+    else:
+        print(f"wrote {Path(args.out) / 'report.md'} ({', '.join(p.name for p in written)})")
     return 0

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 
+from neox_progressive.cli_options import add_flags, values_of
 from neox_progressive.errors import UserError
 from neox_progressive.expand.options import CHOICES, ExpandOptions
 
@@ -60,24 +61,7 @@ def add_arguments(p) -> None:
                    help="the target member's NeoX YAML file(s), repeatable (TP degree and format come from here); "
                         "for an HF source also an HF config.json")
     p.add_argument("--out", required=True, metavar="DIR", help="the new checkpoint (refused if it exists, unless --force)")
-    p.add_argument("--method", choices=CHOICES["method"], default="aki", help="default aki, as in the paper")
-    p.add_argument("--depth-rule", choices=CHOICES["depth_rule"], default="b2b",
-                   help="default b2b (bert2BERT Algorithm 1); interp: t -> floor(t L/L'); cyclic: t mod L")
-    p.add_argument("--new-layer-init", choices=CHOICES["new_layer_init"], default="copy",
-                   help="added layers: copy (default) or zero_out (Wo = W_down = 0: the layer is the identity)")
-    p.add_argument("--rms-comp", choices=["none", "exact"], default=None,
-                   help="RMSNorm compensation; default none for aki, exact for fpi (what makes FPI exactly function "
-                        "preserving); LayerNorm models: none only (see above)")
-    p.add_argument("--map-sampling", choices=CHOICES["map_sampling"], default="uniform",
-                   help="new units: uniform with replacement (default, the paper's) or balanced permutations")
-    p.add_argument("--gqa-layout", choices=CHOICES["gqa_layout"], default="auto",
-                   help="auto (default): the first of mha, g_fixed (same group size), kv_fixed (same KV heads) and "
-                        "general (each target group copies one source group) that the head counts allow")
-    p.add_argument("--aki-second", choices=CHOICES["aki_second"], default="current",
-                   help="AKI Wo/W_down columns of new units: current layer (default) or upper layer l+1")
-    p.add_argument("--aki-hidden", choices=CHOICES["aki_hidden"], default="copy",
-                   help="AKI Wo/W_down rows of new hidden units: copy (default) or from upper layer l+1")
-    p.add_argument("--seed", type=int, default=0, help="seed of the hashed unit maps (default 0)")
+    add_flags(p, ExpandOptions, choices=CHOICES)  # --method ... --aki-hidden, --seed: help from the field docstrings
     p.add_argument("--stage", default="", help="stage name mixed into the hashed draws (chained stages differ)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (shapes, maps, exactness, every target tensor's rule, sources, shape and bytes; "
@@ -90,9 +74,7 @@ def add_arguments(p) -> None:
 
 
 def options_of(args) -> ExpandOptions:
-    return ExpandOptions(method=args.method, depth_rule=args.depth_rule, new_layer_init=args.new_layer_init,
-                         rms_comp=args.rms_comp, map_sampling=args.map_sampling, seed=args.seed,
-                         gqa_layout=args.gqa_layout, aki_second=args.aki_second, aki_hidden=args.aki_hidden)
+    return ExpandOptions(**values_of(ExpandOptions, args))
 
 
 def run(args) -> int:

@@ -19,18 +19,17 @@ work on the export as written.
 
 from __future__ import annotations
 
-import sys
+import json
 from pathlib import Path
 
 from neox_progressive.config import ModelShape, merge_neox_configs
-from neox_progressive.hf import export_hf
-from neox_progressive.io.reader import CheckpointReader
 
 HELP = "export a NeoX checkpoint as a transformers directory (LlamaForCausalLM or GPTNeoXForCausalLM)"
 EXAMPLES = """
   neox-progressive export-hf runs/family/progressive/8B/checkpoints --config configs/neox/stage_8B.yml --out hf/8B
   neox-progressive export-hf ckpt/global_step1000 --config a.yml --config b.yml --out hf/1B --dtype bf16
   neox-progressive export-hf runs/pythia/160M/checkpoints --config configs/neox/pythia_family/stage_160M.yml --out hf/160M
+  neox-progressive export-hf ckpt --config a.yml --out hf/1B --dry-run --format json   # what would be written
 """
 
 
@@ -51,13 +50,17 @@ def add_arguments(p) -> None:
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="export NaN/Inf weights as they are (refused by default: a diverged checkpoint)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything (config, checkpoint, tokenizer, destination) and print what would be written; "
+                        "write nothing")
+    p.add_argument("--format", choices=["text", "json"], default="text", help="output format of the summary")
 
 
 def run(args) -> int:
-    from tqdm import tqdm
-
-    from neox_progressive.hf import hf_arch
+    from neox_progressive.hf import export_hf, hf_arch
+    from neox_progressive.io.reader import CheckpointReader
     from neox_progressive.io.writer import check_destination
+    from neox_progressive.progress import progress_bar
 
     cfg, base_dir = merge_neox_configs(args.config), Path(args.config[0]).parent
     shape = ModelShape.from_neox(cfg, base_dir)
@@ -70,10 +73,23 @@ def run(args) -> int:
 
         tokenizer = export_tokenizer(cfg, base_dir, reader.shape.padded_vocab_size, seq_length=reader.shape.seq_length,
                                      bos=args.bos_id, eos=args.eos_id)
-    with tqdm(total=reader.shape.num_layers, desc="export-hf", unit="layer", disable=args.quiet, file=sys.stderr) as bar:
+    summary = {"out": str(args.out), "architecture": hf.name, "layers": reader.shape.num_layers,
+               "vocab_rows": reader.shape.padded_vocab_size, "dtype": args.dtype, "parameters": reader.shape.param_count(),
+               "tokenizer": tokenizer.kind if tokenizer else None,
+               "eos_token_id": tokenizer.specials["eos"][0] if tokenizer else args.eos_id, "dry_run": bool(args.dry_run)}
+    if args.dry_run:
+        _print(summary, args.format, f"dry run: nothing written (would write {args.out}: {hf.name}, "
+                                     f"{summary['layers']} layers, vocab {summary['vocab_rows']})")
+        return 0
+    with progress_bar(total=reader.shape.num_layers, desc="export-hf", unit="layer", quiet=args.quiet) as bar:
         out = export_hf(reader, args.out, dtype=args.dtype, force=args.force, bos=args.bos_id, eos=args.eos_id,
                         progress=lambda i: bar.update(1), tokenizer=tokenizer,
                         allow_nonfinite=args.allow_nonfinite)
     tok = f", {tokenizer.kind} tokenizer, eos {tokenizer.specials['eos'][0]}" if tokenizer else ", no tokenizer"
-    print(f"wrote {out} ({hf.name}, {reader.shape.num_layers} layers, vocab {reader.shape.padded_vocab_size}{tok})")
+    _print(summary, args.format,
+           f"wrote {out} ({hf.name}, {reader.shape.num_layers} layers, vocab {reader.shape.padded_vocab_size}{tok})")
     return 0
+
+
+def _print(summary: dict, fmt: str, line: str) -> None:
+    print(json.dumps(summary, indent=1) if fmt == "json" else line)

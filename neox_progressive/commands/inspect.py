@@ -18,14 +18,13 @@ their size and the writer's PID; inspect itself writes nothing.
 from __future__ import annotations
 
 import json
-import sys
+from typing import TYPE_CHECKING
 
-import torch
-
-from neox_progressive import arch
 from neox_progressive.config import ModelShape
 from neox_progressive.errors import CheckFailed, UserError
-from neox_progressive.io.reader import CheckpointReader
+
+if TYPE_CHECKING:  # torch and the reader load when the verb runs, not for --help
+    from neox_progressive.io.reader import CheckpointReader
 
 HELP = "describe a NeoX checkpoint; with --config, check it (exit 1 on problems)"
 EXAMPLES = """
@@ -70,6 +69,8 @@ def _describe(reader: CheckpointReader) -> dict:
 
 
 def _architecture(groups: list[dict]) -> dict:
+    from neox_progressive import arch
+
     """What the tensors of the first transformer layer (index 2) and the embedding file show."""
     keys = {k: s[0] for g in groups if g["first"] <= arch.layer_index(0) <= g["last"] for k, s in g["shapes"].items()}
     embed = next((g["shapes"] for g in groups if g["first"] == arch.embed_index()), {})
@@ -82,7 +83,10 @@ def _architecture(groups: list[dict]) -> dict:
 
 
 def _check(reader: CheckpointReader, shape: ModelShape, quiet: bool) -> list[str]:
-    from tqdm import tqdm
+    import torch
+
+    from neox_progressive import arch
+    from neox_progressive.progress import progress_bar
 
     problems: list[str] = []
     try:
@@ -98,7 +102,7 @@ def _check(reader: CheckpointReader, shape: ModelShape, quiet: bool) -> list[str
                         f"expects {'sequential' if shape.sequential else 'pipeline'}")
     elif n_mp != expect_mp:
         problems.append(f"{n_mp} mp_rank files, but the config (pp={shape.pp}, tp={shape.tp}) makes NeoX look for {expect_mp}")
-    for idx in tqdm(sorted(want), desc="checking", unit="file", disable=quiet, file=sys.stderr):
+    for idx in progress_bar(sorted(want), desc="checking", unit="file", quiet=quiet):
         for t, sd in enumerate(reader.file_state(idx)):
             where = f"layer {idx} rank {t}"
             missing, extra = sorted(set(want[idx]) - set(sd)), sorted(set(sd) - set(want[idx]))
@@ -144,6 +148,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from neox_progressive.io.atomic import temp_notes
+    from neox_progressive.io.reader import CheckpointReader
 
     reader = CheckpointReader(args.ckpt)
     info = _describe(reader)

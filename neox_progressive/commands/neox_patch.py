@@ -19,6 +19,9 @@ tree where a patch fits neither applied nor unapplied is refused, naming the fil
 
 from __future__ import annotations
 
+import json
+import os
+
 from neox_progressive import neox_patches as np_
 from neox_progressive.errors import CheckFailed, UserError
 
@@ -31,28 +34,38 @@ EXAMPLES = """
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--neox-dir", required=True, help="the GPT-NeoX checkout (its root, with deepy.py)")
+    p.add_argument("--neox-dir", default=os.environ.get("NEOX_DIR") or None,
+                   help="the GPT-NeoX checkout (its root, with deepy.py); default: $NEOX_DIR")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="only report the state of each patch (exit 1 unless all applied)")
     mode.add_argument("--revert", action="store_true", help="revert the applied patches")
     p.add_argument("--dry-run", action="store_true", help="say what would change, change nothing")
+    p.add_argument("--format", choices=["text", "json"], default="text", help="output format of the report")
 
 
 def run(args) -> int:
+    if not args.neox_dir:
+        raise UserError("no GPT-NeoX checkout: pass --neox-dir DIR (its root, with deepy.py) or set NEOX_DIR")
     neox = np_.check_neox_dir(args.neox_dir)
     patches = np_.load_patches()
     head = np_.git_head(neox)
+    report = {"neox_dir": str(neox), "head": head, "patches_written_for": np_.NEOX_COMMIT, "patches": [], "changes": [],
+              "dry_run": bool(args.dry_run)}
+    say = (lambda line: None) if args.format == "json" else print
     if head and not head.startswith(np_.NEOX_COMMIT):
-        print(f"note: {neox} is at commit {head[:8]}; the patches were written against {np_.NEOX_COMMIT}")
+        say(f"note: {neox} is at commit {head[:8]}; the patches were written against {np_.NEOX_COMMIT}")
     states = {p.name: np_.state(neox, p) for p in patches}
     for p in patches:
         st, detail = states[p.name]
-        print(f"{p.title:24s} {st}" + (f" ({detail})" if detail else ""))
+        report["patches"].append({"patch": p.title, "state": st, "detail": detail or None})
+        say(f"{p.title:24s} {st}" + (f" ({detail})" if detail else ""))
     conflicts = [f"{name}: {detail}" for name, (st, detail) in states.items() if st == np_.CONFLICT]
     if conflicts:
         raise UserError(f"{neox} does not match the GPT-NeoX code the patches were written for (commit "
                         f"{np_.NEOX_COMMIT}): {conflicts[0]}; check out that commit or port the patch by hand")
     if args.check:
+        if args.format == "json":
+            print(json.dumps(report, indent=1))
         missing = [p.title for p in patches if states[p.name][0] != np_.APPLIED]
         if missing:
             raise CheckFailed(f"{len(missing)} patch(es) not applied in {neox} ({', '.join(missing)}); they apply "
@@ -62,12 +75,14 @@ def run(args) -> int:
         [p for p in patches if states[p.name][0] == np_.NOT_APPLIED]
     verb = "revert" if args.revert else "apply"
     if not todo:
-        print(f"nothing to {verb}")
-        return 0
+        say(f"nothing to {verb}")
     for p in todo:
+        report["changes"].append({"patch": p.title, "action": verb, "files": [f.path for f in p.files]})
         if args.dry_run:
-            print(f"would {verb} {p.title} ({', '.join(f.path for f in p.files)})")
+            say(f"would {verb} {p.title} ({', '.join(f.path for f in p.files)})")
             continue
         np_.change(neox, p, reverse=args.revert)
-        print(f"{'reverted' if args.revert else 'applied':9s} {p.title}")
+        say(f"{'reverted' if args.revert else 'applied':9s} {p.title}")
+    if args.format == "json":
+        print(json.dumps(report, indent=1))
     return 0

@@ -34,7 +34,8 @@ def add_arguments(p) -> None:
     p.add_argument("family", metavar="FAMILY_YML", help="the family file (see configs/neox/README.md)")
     p.add_argument("--mode", choices=MODES, help="progressive (Eq. 4) or independent (every member from scratch); "
                    "default: the family file's mode")
-    p.add_argument("--format", choices=["table", "json"], default="table", help="output format (default: table)")
+    p.add_argument("--format", choices=["text", "json", "table"], default="text",
+                   help="output format (default: text; `table` is its older name)")
 
 
 def run(args) -> int:

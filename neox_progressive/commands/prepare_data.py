@@ -19,13 +19,13 @@ to use (`tokenizer_type`, `vocab_file`, `train_data_paths`, `valid_data_paths`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from neox_progressive.data.corpus import read_documents, stdlib_corpus
 from neox_progressive.data.prepare import output_paths, prepare_data
-from neox_progressive.data.tokenizer import EOD_TOKEN
 from neox_progressive.errors import UserError
 
 HELP = "tokenize text/JSONL files into NeoX's mmap dataset format (.bin/.idx)"
@@ -46,7 +46,9 @@ def add_arguments(p) -> None:
     p.add_argument("--tokenizer", metavar="FILE", help="SentencePiece .model or HF tokenizer.json; omit to train one")
     p.add_argument("--vocab-size", type=int, default=8000, help="pieces of the trained SentencePiece model (default 8000)")
     p.add_argument("--spm-model-type", choices=["bpe", "unigram"], default="bpe", help="trained model type (default bpe)")
-    p.add_argument("--eod-token", default=EOD_TOKEN, help=f"the end-of-document token (default {EOD_TOKEN}, as NeoX)")
+    p.add_argument("--eod-token", default=None,
+                   help="the end-of-document token appended to each document (default: the tokenizer's EOD, the first "
+                        "of <|endoftext|> (as NeoX), </s>, <|end_of_text|>, <eos> it has)")
     p.add_argument("--no-eod", action="store_true", help="do not append the EOD id to each document")
     p.add_argument("--valid-fraction", type=float, default=0.0, help="share of documents held out for validation")
     p.add_argument("--valid-out", metavar="PREFIX", help="validation dataset prefix (default: PREFIX_valid)")
@@ -56,7 +58,8 @@ def add_arguments(p) -> None:
     p.add_argument("--mode", choices=["progressive", "independent", "both"],
                    help="with --family: whose windows to cut (default: the family file's mode)")
     p.add_argument("--force", action="store_true", help="replace existing outputs")
-    p.add_argument("--dry-run", action="store_true", help="print what would be written, write nothing")
+    p.add_argument("--dry-run", action="store_true", help="print what would be written (JSON), write nothing")
+    p.add_argument("--format", choices=["text", "json"], default="text", help="output format of the summary")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -89,10 +92,14 @@ def run(args) -> int:
         return _run_family(args)
     if not args.out:
         raise UserError("--out PREFIX is required (or --family FAMILY_YML, whose data block names the outputs)")
-    return _prepare(args)
+    summary = _prepare(args, emit=args.format == "text" or args.dry_run)
+    if args.format == "json" and not args.dry_run:
+        print(json.dumps(summary, indent=1))
+    return 0
 
 
-def _prepare(args) -> int:
+def _prepare(args, emit: bool = True) -> dict:
+    """Prepare one dataset (and its validation part); prints the summary as text when `emit`, returns it."""
     documents, inputs = _documents(args)
     if args.tokenizer and not Path(args.tokenizer).is_file():
         raise UserError(f"--tokenizer {args.tokenizer!r} does not exist")
@@ -102,12 +109,16 @@ def _prepare(args) -> int:
         valid_out = args.valid_out or (args.out + "_valid" if args.valid_fraction > 0 else None)
         plan = {"inputs": inputs, "tokenizer": args.tokenizer or f"train SentencePiece ({args.vocab_size} pieces)",
                 "writes": [str(p) for p in output_paths(args.out, valid_out, args.tokenizer is None)]}
-        print(json.dumps(plan, indent=1))
-        return 0
+        if emit:
+            print(json.dumps(plan, indent=1))
+        return plan
     result = prepare_data(documents, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                           spm_model_type=args.spm_model_type, valid_fraction=args.valid_fraction,
                           valid_out=args.valid_out, append_eod=not args.no_eod, eod_token=args.eod_token,
                           force=args.force, quiet=args.quiet, inputs=inputs)
+    summary = {**dataclasses.asdict(result), "neox_keys": result.neox_keys()}
+    if not emit:
+        return summary
     out = sys.stdout
     print(f"wrote {result.train_prefix}.bin/.idx: {result.train_documents} documents, {result.train_tokens} tokens "
           f"({result.dtype})", file=out)
@@ -119,7 +130,7 @@ def _prepare(args) -> int:
     print("NeoX config keys:", file=out)
     for key, value in result.neox_keys().items():
         print(f"  {key}: {json.dumps(value)}", file=out)
-    return 0
+    return summary
 
 
 def _run_family(args) -> int:
@@ -130,6 +141,8 @@ def _run_family(args) -> int:
     if args.out or args.valid_out:
         raise UserError("--out/--valid-out cannot be used with --family: the family file's data.train and data.valid "
                         "name the datasets")
+    report: dict = {"family": args.family, "prepared": None, "windows": [], "dry_run": bool(args.dry_run)}
+    say = print if args.format == "text" else (lambda line: None)
     family = load_family(args.family)
     src = family.data.prepare
     args.out, args.valid_out = family.data.train, family.data.valid
@@ -139,7 +152,7 @@ def _run_family(args) -> int:
         if not args.inputs and args.stdlib_corpus is None:
             raise UserError(f"{args.family}: {args.out}.bin/.idx does not exist and data.prepare names no source; add "
                             "data.prepare.inputs (files) or data.prepare.stdlib_corpus, or pass input files here")
-        defaults = {"jsonl_key": "text", "tokenizer": None, "spm_model_type": "bpe", "eod_token": EOD_TOKEN,
+        defaults = {"jsonl_key": "text", "tokenizer": None, "spm_model_type": "bpe", "eod_token": None,
                     "no_eod": False, "valid_fraction": 0.0}
         for key, default in defaults.items():
             if getattr(args, key) == default and key in src:
@@ -149,16 +162,21 @@ def _run_family(args) -> int:
         if not args.valid_fraction:
             raise UserError(f"{args.family}: the family's validation data {args.valid_out} is prepared from the same "
                             "source: set data.prepare.valid_fraction (e.g. 0.05) or --valid-fraction")
-        _prepare(args)
-    elif not args.quiet:
+        report["prepared"] = _prepare(args, emit=args.format == "text")
+    elif not args.quiet and args.format == "text":
         print(f"using the existing {args.out}.bin/.idx and {args.valid_out}.bin/.idx")
     mode = args.mode or family.mode
     for m in (["progressive", "independent"] if mode == "both" else [mode]):
         rows = [r.__dict__ for r in plan_family(family, m).rows]
         if args.dry_run:
             for r in rows:
-                print(f"would cut {r['train_data_path']}: windows {r['data_windows']} ({m})")
+                report["windows"].append({"mode": m, "member": r["name"], "prefix": r["train_data_path"],
+                                          "windows": r["data_windows"], "cut": False})
+                say(f"would cut {r['train_data_path']}: windows {r['data_windows']} ({m})")
             continue
         for name, ds in cut_member_windows(args.out, rows, force=args.force).items():
-            print(f"{m} {name}: {ds.prefix}.bin/.idx, {ds.num_tokens} tokens")
+            report["windows"].append({"mode": m, "member": name, "prefix": ds.prefix, "tokens": ds.num_tokens, "cut": True})
+            say(f"{m} {name}: {ds.prefix}.bin/.idx, {ds.num_tokens} tokens")
+    if args.format == "json":
+        print(json.dumps(report, indent=1, default=str))
     return 0

@@ -26,6 +26,7 @@ is taken over). Temporary dirs that killed writers left in the output dir are re
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -54,7 +55,8 @@ def add_arguments(p) -> None:
     p.add_argument("--engine", choices=["builtin", "neox"], default="builtin",
                    help="neox: python DIR/deepy.py DIR/train.py stage.yml per stage; builtin: the embedded one-device "
                         "trainer (default)")
-    p.add_argument("--neox-dir", help="GPT-NeoX checkout (with deepy.py), for --engine neox")
+    p.add_argument("--neox-dir", default=os.environ.get("NEOX_DIR") or None,
+                   help="GPT-NeoX checkout (with deepy.py), for --engine neox (default: $NEOX_DIR)")
     p.add_argument("--neox-python", help="the Python of NeoX's environment (default: this one)")
     p.add_argument("--neox-launcher-args", default="", help="extra arguments for deepy.py (e.g. '--hostfile FILE')")
     p.add_argument("--device", help="builtin engine and checks: cpu, cuda, cuda:N (default: CUDA when available)")
@@ -62,14 +64,15 @@ def add_arguments(p) -> None:
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     p.add_argument("--dry-run", action="store_true", help="print every step and command; run nothing")
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.add_argument("--format", choices=["text", "json"], default="text", help="the final summary's format")
+    p.add_argument("--format", choices=["text", "json"], default="text",
+                   help="the format of the final summary, and of the --dry-run listing")
 
 
 def make_engine(args):
     from neox_progressive.runner.engines import BuiltinEngine, NeoXEngine
 
     if args.engine == "builtin":
-        if args.neox_dir:
+        if args.neox_dir and args.neox_dir != os.environ.get("NEOX_DIR"):  # $NEOX_DIR alone is not a contradiction
             raise UserError("--neox-dir is only used with --engine neox")
         return BuiltinEngine(device=args.device)
     if not args.neox_dir:
@@ -97,11 +100,18 @@ def run(args) -> int:
         r.check_data()  # before anything is written (a dry run refuses the same)
     out = Path(family.output_dir)
     if args.dry_run:
+        evaluates = evaluate.enabled(family) and not args.no_eval
+        notes = temp_notes([out, *(r.root for r in runs)])
+        if args.format == "json":
+            print(json.dumps({"family": family.name, "output_dir": str(out), "runs": [r.dry_run() for r in runs],
+                              "evaluate_into": str(out / "report") if evaluates else None, "notes": notes,
+                              "dry_run": True}, indent=2, default=str))
+            return 0
         for r in runs:
             print("\n".join(r.describe()))
-        if evaluate.enabled(family) and not args.no_eval:
+        if evaluates:
             print(f"evaluate the trained members into {out / 'report'}")
-        for note in temp_notes([out, *(r.root for r in runs)]):
+        for note in notes:
             print(f"note: {note}")
         return 0
     check_writable_dir(out, "output_dir")

@@ -8,16 +8,16 @@ Public API (stable, used by the family runner and the builtin engine):
   `cut_member_windows(src_prefix, plan_members)` for every member of a family plan;
   `neox_window_tokens(train_iters, global_batch, seq_length)`: how long a window must be for NeoX.
 - `stdlib_corpus(n_chars)`: Python standard-library docstrings as documents.
-- `load_tokenizer(path)`, `train_sentencepiece(texts, vocab_size, out)`.
+- `train_sentencepiece(texts, vocab_size, out)` (reading a tokenizer: neox_progressive.tokenizer).
 """
 
 from neox_progressive.data.corpus import read_documents, stdlib_corpus
 from neox_progressive.data.mmap_dataset import DatasetBuilder, MMapDataset, best_fitting_dtype, dataset_exists, write_dataset
-from neox_progressive.data.tokenizer import EOD_TOKEN, HFTokenizer, SPMTokenizer, load_tokenizer, train_sentencepiece
+from neox_progressive.data.tokenizer import train_sentencepiece
 from neox_progressive.data.windows import cut_member_windows, cut_windows, neox_window_tokens
 
 __all__ = [
-    "DatasetBuilder", "EOD_TOKEN", "HFTokenizer", "MMapDataset", "SPMTokenizer", "best_fitting_dtype", "cut_member_windows",
-    "cut_windows", "dataset_exists", "load_tokenizer", "neox_window_tokens", "read_documents", "stdlib_corpus",
+    "DatasetBuilder", "MMapDataset", "best_fitting_dtype", "cut_member_windows",
+    "cut_windows", "dataset_exists", "neox_window_tokens", "read_documents", "stdlib_corpus",
     "train_sentencepiece", "write_dataset",
 ]

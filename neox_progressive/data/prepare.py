@@ -22,8 +22,9 @@ from pathlib import Path
 
 from neox_progressive import __version__
 from neox_progressive.data.mmap_dataset import DatasetBuilder, best_fitting_dtype, paths_of
-from neox_progressive.data.tokenizer import EOD_TOKEN, load_tokenizer, train_sentencepiece
+from neox_progressive.data.tokenizer import train_sentencepiece
 from neox_progressive.errors import UserError
+from neox_progressive.tokenizer import EOD_CANDIDATES, file_tokenizer
 
 BATCH_DOCS = 256
 
@@ -71,7 +72,7 @@ def output_paths(out: str, valid_out: str | None, trains_tokenizer: bool) -> lis
 
 def prepare_data(documents: Callable[[], Iterable[str]], out: str | Path, *, tokenizer: str | Path | None = None,
                  vocab_size: int = 8000, spm_model_type: str = "bpe", valid_fraction: float = 0.0,
-                 valid_out: str | Path | None = None, append_eod: bool = True, eod_token: str = EOD_TOKEN,
+                 valid_out: str | Path | None = None, append_eod: bool = True, eod_token: str | None = None,
                  force: bool = False, quiet: bool = False, inputs: list[str] | None = None) -> PreparedData:
     """Tokenize documents into a NeoX mmap dataset (and a validation one).
 
@@ -83,6 +84,7 @@ def prepare_data(documents: Callable[[], Iterable[str]], out: str | Path, *, tok
             model of `vocab_size` pieces on the (training) documents, saved as `<out>.tokenizer.model`.
         valid_fraction: share of documents held out into `valid_out` (default `<out>_valid`).
         append_eod: end every document with the EOD id (NeoX's `--append-eod`).
+        eod_token: the EOD token; None: the tokenizer's EOD (neox_progressive.tokenizer.eod_of).
         force: replace existing outputs.
     """
     out = str(out)
@@ -109,6 +111,20 @@ def prepare_data(documents: Callable[[], Iterable[str]], out: str | Path, *, tok
     return _tokenize(documents, out, Path(tokenizer), valid_out, valid_fraction, append_eod, eod_token, quiet, inputs)
 
 
+def _eod(tok, eod_token: str | None) -> int:
+    """The EOD id appended to each document: the named token's, else the tokenizer's (the one EOD rule)."""
+    if eod_token is None:
+        if tok.eod is None:
+            raise UserError(f"{tok.path} has no end-of-document token (none of {', '.join(EOD_CANDIDATES)}); name the "
+                            "tokenizer's end-of-document token with --eod-token, or pass --no-eod")
+        return tok.eod
+    eod = tok.vocab.id_of(eod_token)
+    if eod is None:
+        raise UserError(f"{tok.path} has no token {eod_token!r} (--eod-token); name a token of its vocabulary "
+                        f"(its EOD by default: {tok.eod if tok.eod is not None else 'none'})")
+    return eod
+
+
 def _require_text(documents: Callable[[], Iterable[str]], valid_fraction: float, inputs: list[str] | None) -> None:
     """Refuse, in words, inputs that leave no text to train a tokenizer on (SentencePiece would fail with
     its internal `trainer_interface.cc [!sentences_.empty()]`)."""
@@ -128,24 +144,25 @@ def _require_text(documents: Callable[[], Iterable[str]], valid_fraction: float,
 
 
 def _tokenize(documents, out: str, tokenizer: Path, valid_out: str | None, valid_fraction: float, append_eod: bool,
-              eod_token: str, quiet: bool, inputs: list[str] | None) -> PreparedData:
-    from tqdm import tqdm
+              eod_token: str | None, quiet: bool, inputs: list[str] | None) -> PreparedData:
+    from neox_progressive.progress import progress_bar
 
-    tok = load_tokenizer(tokenizer, eod_token if append_eod else None)
+    tok = file_tokenizer(tokenizer)
+    eod = _eod(tok, eod_token) if append_eod else None
     dtype = best_fitting_dtype(tok.vocab_size)
     # absolute paths: NeoX runs from its own checkout, where relative paths would point elsewhere
     absolute = lambda p: str(Path(p).resolve()) if p else None  # noqa: E731
-    result = PreparedData(absolute(out), absolute(valid_out), tok.type_name, absolute(tokenizer), tok.vocab_size,
-                          tok.eod if append_eod else None, dtype=dtype.__name__, inputs=list(inputs or []))
+    result = PreparedData(absolute(out), absolute(valid_out), tok.kind, absolute(tokenizer), tok.vocab_size,
+                          eod, dtype=dtype.__name__, inputs=list(inputs or []))
     train_b = DatasetBuilder(out, dtype, force=True)
     valid_b = DatasetBuilder(valid_out, dtype, force=True) if valid_out else None
-    with train_b, (valid_b or _Null()), tqdm(unit="doc", disable=quiet, desc="tokenizing") as bar:
+    with train_b, (valid_b or _Null()), progress_bar(unit="doc", quiet=quiet, desc="tokenizing") as bar:
         batch: list[str] = []
 
         def flush():
             for text, ids in zip(batch, tok.encode_batch(batch)):
                 if append_eod:
-                    ids = [*ids, tok.eod]
+                    ids = [*ids, eod]
                 (valid_b if valid_b is not None and is_valid_doc(text, valid_fraction) else train_b).add_document(ids)
             bar.update(len(batch))
             batch.clear()

@@ -1,15 +1,4 @@
-"""Tokenizers the way GPT-NeoX uses them to prepare data (megatron/tokenizer/tokenizer.py).
-
-- `SPMTokenizer` (NeoX `tokenizer_type: SPMTokenizer`, `vocab_file: x.model`): ids =
-  `SentencePieceProcessor.encode(text)`, vocab size = `get_piece_size()`, EOD =
-  `piece_to_id("<|endoftext|>")`.
-- `HFTokenizer` (`tokenizer_type: HFTokenizer`, `vocab_file: tokenizer.json`): ids =
-  `tokenizers.Tokenizer.encode(text).ids` (post-processor specials included, as NeoX), vocab size =
-  `get_vocab_size()`, EOD = `token_to_id("<|endoftext|>")`.
-
-NeoX does not check that `<|endoftext|>` exists: SentencePiece then returns the unknown id and the
-HF tokenizer None (preprocess_data.py then crashes). We refuse such a tokenizer unless another EOD
-token is named explicitly.
+"""Training a tokenizer on the data itself (reading one: neox_progressive/tokenizer.py).
 
 `train_sentencepiece` trains a small model on the data itself (no downloads), with
 `<|endoftext|>` as a control symbol so NeoX finds its EOD.
@@ -23,71 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from neox_progressive.errors import UserError
-
-EOD_TOKEN = "<|endoftext|>"
-
-
-class SPMTokenizer:
-    type_name = "SPMTokenizer"
-
-    def __init__(self, path: str | Path, eod_token: str | None = EOD_TOKEN):
-        try:
-            import sentencepiece as spm
-        except ImportError:
-            raise UserError("reading a SentencePiece .model needs the sentencepiece package: pip install sentencepiece") from None
-        self.path = Path(path)
-        try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(path))
-        except (OSError, RuntimeError) as exc:
-            raise UserError(f"{path} is not a SentencePiece model ({str(exc).splitlines()[0]})") from None
-        self.vocab_size = int(self.sp.get_piece_size())
-        self.eod = None if eod_token is None else int(self.sp.piece_to_id(eod_token))
-        if eod_token is not None and self.sp.id_to_piece(self.eod) != eod_token:
-            raise UserError(
-                f"{path} has no piece {eod_token!r}, so NeoX's SPMTokenizer would use the unknown id {self.eod} as EOD; "
-                "name the model's end-of-document piece with --eod-token (e.g. '</s>') or let prepare-data train a model"
-            )
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts)
-
-
-class HFTokenizer:
-    type_name = "HFTokenizer"
-
-    def __init__(self, path: str | Path, eod_token: str | None = EOD_TOKEN):
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise UserError("reading a tokenizer.json needs the tokenizers package: pip install tokenizers") from None
-        self.path = Path(path)
-        try:
-            self.tok = Tokenizer.from_file(str(path))
-        except Exception as exc:  # the Rust side raises plain Exceptions
-            raise UserError(f"{path} is not an HF tokenizers JSON file ({str(exc).splitlines()[0]})") from None
-        self.vocab_size = int(self.tok.get_vocab_size())
-        eod = None if eod_token is None else self.tok.token_to_id(eod_token)
-        if eod_token is not None and eod is None:
-            raise UserError(
-                f"{path} has no token {eod_token!r}, which NeoX's HFTokenizer uses as EOD (its preprocess_data.py "
-                "would fail); name the tokenizer's end-of-document token with --eod-token (e.g. '</s>')"
-            )
-        self.eod = None if eod is None else int(eod)
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch(texts)]
-
-
-def load_tokenizer(path: str | Path, eod_token: str | None = EOD_TOKEN) -> SPMTokenizer | HFTokenizer:
-    """A `.model` file is SentencePiece, a `.json` file an HF tokenizer; `eod_token` None: no EOD needed."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"tokenizer file {str(path)!r} does not exist")
-    if path.suffix == ".json":
-        return HFTokenizer(path, eod_token)
-    if path.suffix == ".model":
-        return SPMTokenizer(path, eod_token)
-    raise UserError(f"tokenizer {path}: expected a SentencePiece .model or an HF tokenizer .json file")
+from neox_progressive.tokenizer import EOD_TOKEN
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, out: str | Path, *, model_type: str = "bpe",

@@ -14,63 +14,23 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
-from tqdm import tqdm
 
 from neox_progressive import __version__
 from neox_progressive.errors import UserError
 from neox_progressive.eval.examples import KL_UNITS, Documents, HeldOut, held_out
 from neox_progressive.eval.kl import examples_kl
-from neox_progressive.eval.member import Member, check_same_vocabulary
+from neox_progressive.eval.member import TrainedMember, check_same_vocabulary
 from neox_progressive.eval.perplexity import perplexity
+from neox_progressive.eval.settings import EvalSettings
 from neox_progressive.eval.specdec import speculative_generate, target_generate
-
-STEPS = ("ppl", "tasks", "kl", "specdec")
-
-
-@dataclass
-class EvalSettings:
-    data: str | None = None
-    """NeoX mmap prefix of held-out data (valid_data_paths)."""
-    text: str | None = None
-    """Or a .jsonl / text file, tokenized with the members' tokenizer."""
-    seq_length: int | None = None
-    """Window length and KL example truncation (default: the smallest member seq_length)."""
-    ppl_windows: int = 64
-    kl_examples: int = 64
-    """KL examples (the paper: 10,000)."""
-    kl_on: str = "documents"
-    """What a KL example is: validation documents sampled with `seed` (App. F, our reading), or windows."""
-    batch_size: int = 4
-    prompts: int = 16
-    """Speculative decoding prompts, sampled with `seed` from validation documents (the paper: 1,000)."""
-    prompt_tokens: int = 32
-    new_tokens: int = 64
-    draft_len: int = 8
-    modes: tuple[str, ...] = ("greedy", "sampled")
-    temperature: float = 1.0
-    seed: int = 0
-    tasks: list[str] = field(default_factory=list)
-    include_paths: list[str] = field(default_factory=list)
-    limit: int | None = None
-    num_fewshot: int | None = None
-    bootstrap_iters: int = 100
-    device: str = "auto"
-    dtype: str = "fp32"
-    vocab_chunk: int | None = None
-    skip: tuple[str, ...] = ()
-    quiet: bool = False
-
-    def wants(self, step: str) -> bool:
-        return step not in self.skip and (step != "tasks" or bool(self.tasks))
+from neox_progressive.progress import progress_bar
 
 
-def group_families(members: list[Member]) -> dict[str, list[Member]]:
-    fams: dict[str, list[Member]] = {}
+def group_families(members: list[TrainedMember]) -> dict[str, list[TrainedMember]]:
+    fams: dict[str, list[TrainedMember]] = {}
     for m in members:
         fams.setdefault(m.family, []).append(m)
     for fam, ms in fams.items():
@@ -80,7 +40,7 @@ def group_families(members: list[Member]) -> dict[str, list[Member]]:
     return fams
 
 
-def pairs_of(families: dict[str, list[Member]]) -> list[tuple[Member, Member, bool]]:
+def pairs_of(families: dict[str, list[TrainedMember]]) -> list[tuple[TrainedMember, TrainedMember, bool]]:
     """(draft/small, target/large, cross-family?) in evaluation order."""
     out = [(a, b, False) for ms in families.values() for a, b in zip(ms, ms[1:])]
     names = list(families)
@@ -90,7 +50,7 @@ def pairs_of(families: dict[str, list[Member]]) -> list[tuple[Member, Member, bo
     return out
 
 
-def load_held_out(members: list[Member], s: EvalSettings) -> HeldOut:
+def load_held_out(members: list[TrainedMember], s: EvalSettings) -> HeldOut:
     """The perplexity windows, KL examples and prompts the settings ask for (`examples.held_out`)."""
     seq = s.seq_length or min(m.shape.seq_length for m in members)
     if s.kl_on not in KL_UNITS:
@@ -103,7 +63,7 @@ def load_held_out(members: list[Member], s: EvalSettings) -> HeldOut:
         raise UserError("give the held-out data with exactly one of --data PREFIX (NeoX .bin/.idx) or --text FILE "
                         "(.jsonl with a 'text' key, or plain text)")
     tok = members[0].tokenizer if (s.text or members[0].has_tokenizer()) else None
-    eod = tok.eot_id if tok is not None else None
+    eod = tok.eod if tok is not None else None
     docs = Documents.from_mmap(s.data) if s.data else Documents.from_text(s.text, tok.encode, eod)
     return held_out(docs, seq, ppl=counts["ppl"], kl=counts["kl"], kl_on=s.kl_on, prompts=counts["prompts"],
                     prompt_tokens=s.prompt_tokens, seed=s.seed, eod=eod)
@@ -144,10 +104,10 @@ def specdec_eval(draft, target, prompts: list[list[int]], s: EvalSettings, vocab
     return out
 
 
-def member_eval(m: Member, model, held: HeldOut, s: EvalSettings, task_set, device, raw: dict) -> dict:
+def member_eval(m: TrainedMember, model, held: HeldOut, s: EvalSettings, task_set, device, raw: dict) -> dict:
     entry = m.describe()
     if s.wants("ppl"):
-        with tqdm(total=s.ppl_windows, desc=f"perplexity {m.label}", disable=s.quiet, file=sys.stderr) as bar:
+        with progress_bar(total=s.ppl_windows, desc=f"perplexity {m.label}", quiet=s.quiet) as bar:
             entry["perplexity"] = perplexity(model, held.windows[:s.ppl_windows], batch_size=s.batch_size,
                                              progress=bar.update).to_dict()
     if s.wants("tasks"):
@@ -162,13 +122,13 @@ def member_eval(m: Member, model, held: HeldOut, s: EvalSettings, task_set, devi
     return entry
 
 
-def pair_eval(a: Member, b: Member, held: HeldOut, s: EvalSettings, device) -> dict:
+def pair_eval(a: TrainedMember, b: TrainedMember, held: HeldOut, s: EvalSettings, device) -> dict:
     vocab = check_same_vocabulary(a, b)
     small, large = a.load(device, s.dtype), b.load(device, s.dtype)
     entry: dict = {"small": a.name, "large": b.name}
     if s.wants("kl"):
         n = len(held.kl_examples)
-        with tqdm(total=n, desc=f"KL {a.label} || {b.label}", disable=s.quiet, file=sys.stderr) as bar:
+        with progress_bar(total=n, desc=f"KL {a.label} || {b.label}", quiet=s.quiet) as bar:
             res = examples_kl(small, large, held.kl_examples, batch_size=s.batch_size, vocab_size=vocab,
                               vocab_chunk=s.vocab_chunk, unit=s.kl_on, progress=bar.update)
         entry["kl"] = res.to_dict()
@@ -179,7 +139,7 @@ def pair_eval(a: Member, b: Member, held: HeldOut, s: EvalSettings, device) -> d
     return entry
 
 
-def evaluate_family(members: list[Member], s: EvalSettings, log: Callable[[str], None] = print,
+def evaluate_family(members: list[TrainedMember], s: EvalSettings, log: Callable[[str], None] = print,
                     raw: dict | None = None) -> dict:
     """Run every step on the members; returns the report's data (see report.py). lm-eval's raw results go to `raw`."""
     families = group_families(members)

@@ -152,6 +152,22 @@ def _new_api(lm_eval) -> bool:
     return hasattr(lm_eval.tasks, "TaskManager")
 
 
+def hf_cache() -> str:
+    """$HF_HOME as huggingface_hub and datasets resolve it (default: $XDG_CACHE_HOME/huggingface)."""
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.expanduser(os.environ.get("HF_HOME") or os.path.join(xdg, "huggingface"))
+
+
+def datasets_cache() -> str:
+    """Where `datasets` looks for prepared datasets: its own setting, else $HF_DATASETS_CACHE, else $HF_HOME/datasets."""
+    try:
+        from datasets import config
+
+        return str(config.HF_DATASETS_CACHE)
+    except Exception:  # noqa: BLE001 - datasets missing or broken: say what it would read
+        return os.path.expanduser(os.environ.get("HF_DATASETS_CACHE") or os.path.join(hf_cache(), "datasets"))
+
+
 class TaskSet:
     """The tasks lm-eval can see: its own plus those in `include_paths` (directories of YAML files)."""
 
@@ -210,12 +226,13 @@ class TaskSet:
             except Exception as exc:  # noqa: BLE001 - datasets raises many types for a missing dataset
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
                 ds = self.dataset_of(name)
-                cache = os.environ.get("HF_DATASETS_CACHE") or "~/.cache/huggingface/datasets"
                 raise UserError(
                     f"lm-eval task {name!r} could not load {ds} on this machine ({type(exc).__name__}: {first}); "
                     f"download it where there is network (`lm_eval --tasks {name} --limit 1` or "
-                    f"datasets.load_dataset('{ds.split()[0]}') there), copy the HF datasets cache to {cache} here and run with "
-                    "HF_DATASETS_OFFLINE=1, or define the task as a local YAML over a JSONL file (--include-path)") from None
+                    f"datasets.load_dataset('{ds.split()[0]}') there), copy that machine's HF cache ($HF_HOME: its "
+                    f"datasets/ and hub/ folders) into {hf_cache()} here (the cache `datasets` reads: {datasets_cache()}) "
+                    "and run with HF_DATASETS_OFFLINE=1, or define the task as a local YAML over a JSONL file "
+                    "(--include-path)") from None
 
     @property
     def version(self) -> str:

@@ -28,14 +28,14 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from neox_progressive.errors import UserError
 from neox_progressive.eval.harness import import_lm_eval
-from neox_progressive.eval.member import Member
+from neox_progressive.eval.member import TrainedMember
 from neox_progressive.eval.scoring import target_logprobs
-from neox_progressive.eval.tokenizer import Tokenizer
 from neox_progressive.model import Transformer
+from neox_progressive.progress import progress_bar
+from neox_progressive.tokenizer import Tokenizer
 
 lm_eval = import_lm_eval()
 from lm_eval.api.model import LM  # noqa: E402
@@ -76,12 +76,12 @@ class NeoXProgressiveLM(LM):
             if not checkpoint or not config:
                 raise UserError(f"the {MODEL_NAME} lm-eval model needs checkpoint=DIR and config=FILE.yml[:FILE2.yml]")
             configs = config if isinstance(config, (list, tuple)) else str(config).split(":")
-            member = Member(name=Path(checkpoint).name, checkpoint=Path(checkpoint), configs=[Path(c) for c in configs])
+            member = TrainedMember(name=Path(checkpoint).name, checkpoint=Path(checkpoint), configs=[Path(c) for c in configs])
             tokenizer = member.tokenizer
             model = member.load(self._device, dtype)
         if tokenizer is None:
             raise UserError(f"the {MODEL_NAME} lm-eval model needs the member's tokenizer (config: tokenizer_type, vocab_file)")
-        if tokenizer.eot_id is None:
+        if tokenizer.eod is None:
             raise UserError(f"tokenizer {tokenizer.path} has no end-of-text token (<|endoftext|> or </s>); lm-eval needs "
                             "one as the context of empty-context requests and as a stop token")
         self.model = model.to(self._device).eval()
@@ -95,7 +95,7 @@ class NeoXProgressiveLM(LM):
     # ---- lm-eval plumbing --------------------------------------------------------------------------
     @property
     def eot_token_id(self) -> int:
-        return self.tok.eot_id
+        return self.tok.eod
 
     @property
     def max_length(self) -> int:
@@ -163,7 +163,7 @@ class NeoXProgressiveLM(LM):
         order = sorted(range(len(pairs)), key=lambda i: -len(inputs[i]))
         out: list[tuple[float, bool] | None] = [None] * len(pairs)
         quiet = disable_tqdm or not self._progress
-        for s in tqdm(range(0, len(order), self.batch_size), disable=quiet, desc="loglikelihood", unit="batch"):
+        for s in progress_bar(range(0, len(order), self.batch_size), quiet=quiet, desc="loglikelihood", unit="batch"):
             idx = order[s:s + self.batch_size]
             width = len(inputs[idx[0]]) - 1
             x = torch.zeros(len(idx), width, dtype=torch.long)
@@ -193,7 +193,7 @@ class NeoXProgressiveLM(LM):
             prepared.append((ids, until, max_new))
             groups[(len(ids), max_new, temperature, tuple(until))].append(i)
         results: list[str] = [""] * len(prepared)
-        bar = tqdm(total=len(prepared), disable=disable_tqdm or not self._progress, desc="generate_until", unit="request")
+        bar = progress_bar(total=len(prepared), quiet=disable_tqdm or not self._progress, desc="generate_until", unit="request")
         for (_, max_new, temperature, until), members in sorted(groups.items(), key=lambda kv: -kv[0][0]):
             for s in range(0, len(members), self.batch_size):
                 idx = members[s:s + self.batch_size]

@@ -16,15 +16,17 @@ import torch
 
 from neox_progressive.config import ModelShape, merge_neox_configs
 from neox_progressive.errors import UserError
-from neox_progressive.eval.tokenizer import Tokenizer, load_tokenizer
 from neox_progressive.io.reader import CheckpointReader
 from neox_progressive.model import Transformer
+from neox_progressive.tokenizer import Tokenizer, config_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
-class Member:
+class TrainedMember:
+    """A trained family member: a NeoX checkpoint plus the YAML config(s) it was trained with."""
+
     name: str
     checkpoint: Path
     configs: list[Path]
@@ -33,7 +35,7 @@ class Member:
     _model: Transformer | None = field(default=None, repr=False)
 
     @classmethod
-    def parse(cls, spec: str) -> Member:
+    def parse(cls, spec: str) -> TrainedMember:
         """`[FAMILY/]NAME=CHECKPOINT:CONFIG.yml[,CONFIG2.yml]`."""
         name, sep, rest = spec.partition("=")
         ckpt, sep2, cfgs = rest.rpartition(":")
@@ -69,7 +71,7 @@ class Member:
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
-        return load_tokenizer(self.config, base_dir=self.configs[0].parent)
+        return config_tokenizer(self.config, base_dir=self.configs[0].parent)
 
     def has_tokenizer(self) -> bool:
         try:
@@ -101,7 +103,7 @@ class Member:
                 "padded_vocab_size": s.padded_vocab_size, "seq_length": s.seq_length}
 
 
-def check_same_vocabulary(a: Member, b: Member) -> int:
+def check_same_vocabulary(a: TrainedMember, b: TrainedMember) -> int:
     """The vocabulary size two members are compared over; UserError if their tokenizers differ."""
     if a.has_tokenizer() and b.has_tokenizer():
         ta, tb = a.tokenizer, b.tokenizer

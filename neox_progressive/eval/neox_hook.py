@@ -41,7 +41,7 @@ import torch
 
 from neox_progressive.errors import UserError
 from neox_progressive.eval.kl import kl_from_logits
-from neox_progressive.eval.member import Member
+from neox_progressive.eval.member import TrainedMember
 from neox_progressive.eval.perplexity import token_windows
 
 _CACHE: dict[tuple, tuple] = {}
@@ -59,7 +59,7 @@ def _documents(path: str):
 
 def _setup(neox_args, device, previous_checkpoint, previous_config, data_path, num_sequences, seq_length, dtype):
     configs = [previous_config] if isinstance(previous_config, str) else list(previous_config)
-    prev = Member("previous", Path(previous_checkpoint), [Path(c) for c in configs])
+    prev = TrainedMember("previous", Path(previous_checkpoint), [Path(c) for c in configs])
     if prev.has_tokenizer() and prev.tokenizer.vocab_size != neox_args.tokenizer.vocab_size:
         raise UserError(f"eval_hook: the previous member's tokenizer has {prev.tokenizer.vocab_size} tokens, this run's "
                         f"{neox_args.tokenizer.vocab_size}; KL needs one tokenizer for both")

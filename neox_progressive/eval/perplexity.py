@@ -49,11 +49,8 @@ def mmap_documents(prefix: str | Path) -> Iterator[np.ndarray]:
     if not Path(prefix + ".bin").is_file() or not Path(prefix + ".idx").is_file():
         raise UserError(f"NeoX dataset {prefix!r} not found: expected {prefix}.bin and {prefix}.idx "
                         "(the prefix NeoX's data_path / valid_data_paths names, without the extension)")
-    try:
-        from neox_progressive.data import MMapDataset
-    except ImportError:
-        raise UserError("reading NeoX .bin/.idx data needs neox_progressive.data, which this installation lacks; "
-                        "pass the held-out text with --text instead, or update neox-progressive") from None
+    from neox_progressive.data import MMapDataset
+
     ds = MMapDataset(prefix)
     for i in range(len(ds)):
         yield np.asarray(ds[i])

@@ -58,7 +58,7 @@ def _task_columns(results: dict) -> list[tuple[str, str]]:
     return cols
 
 
-def members_table(results: dict) -> str:
+def eval_table(results: dict) -> str:
     """Table 1 style: one row per (member, family), families of a member next to each other."""
     cols = _task_columns(results)
     header = ["Member", "Family", "Params", "Valid loss", "Valid PPL"] + [f"{t} {m}" for t, m in cols]
@@ -160,7 +160,7 @@ def render_markdown(results: dict, plots: list[str] | None = None, plot_note: st
         f"differs); lm-eval tasks: {', '.join(s.get('tasks') or []) or 'none'}"
         + (f" (limit {s['limit']})" if s.get("limit") else "") + ".",
         "",
-        members_table(results),
+        eval_table(results),
         "",
         "## KL divergence between adjacent members (paper Table 4, App. F)",
         "",

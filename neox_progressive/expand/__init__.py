@@ -16,9 +16,15 @@ keys are data in `arch.LAYER_ROLES` / `arch.MODEL_ROLES`), run.py (streaming exe
 are EXPANSION_SPEC.md's, extended to NeoX's classic transformer (LayerNorm, GeLU, biases).
 """
 
-from neox_progressive.expand.options import ExpandOptions
-from neox_progressive.expand.plan import ExpansionPlan, plan_expansion
-from neox_progressive.expand.run import MANIFEST, MAPS_FILE, expand_checkpoint, load_maps, plan_for
+import importlib
 
-__all__ = ["MANIFEST", "MAPS_FILE", "ExpandOptions", "ExpansionPlan", "expand_checkpoint", "load_maps", "plan_expansion",
-           "plan_for"]
+# name -> module; imported on first use, so that `expand --help` and the options load without torch
+_HOME = {"ExpandOptions": "options", "ExpansionPlan": "plan", "plan_expansion": "plan", "MANIFEST": "run",
+         "MAPS_FILE": "run", "expand_checkpoint": "run", "load_maps": "run", "plan_for": "run"}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        return getattr(importlib.import_module(f"neox_progressive.expand.{_HOME[name]}"), name)
+    raise AttributeError(f"module 'neox_progressive.expand' has no attribute {name!r}")

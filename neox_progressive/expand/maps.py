@@ -28,7 +28,6 @@ import numpy as np
 
 from neox_progressive.errors import UserError
 
-SAMPLINGS = ("uniform", "balanced")
 GQA_LAYOUTS = ("auto", "mha", "g_fixed", "kv_fixed", "general")
 
 
@@ -197,9 +196,6 @@ def _general_maps(nkv: int, group: int, nkv2: int, group2: int, kw: dict) -> tup
 
 
 # ---- depth ------------------------------------------------------------------------------------
-DEPTH_RULES = ("b2b", "interp", "cyclic")
-
-
 def depth_order(n: int, n_new: int, rule: str) -> list[int]:
     """Target layer t -> the (widened) source layer it copies (EXPANSION_SPEC section 6).
 

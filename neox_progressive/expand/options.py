@@ -42,15 +42,29 @@ CHOICES: dict[str, tuple] = {
 
 @dataclass(frozen=True)
 class ExpandOptions:
+    """The `expand` verb's flags are generated from these fields; the docstrings are their help."""
+
     method: str = "aki"
+    """aki (bert2BERT advanced knowledge initialization, as in the paper) or fpi (function preserving)."""
     depth_rule: str = "b2b"
+    """Which source layer an added layer copies: b2b (bert2BERT Algorithm 1: whole stacks, then the top layers);
+    interp: t -> floor(t L/L'); cyclic: t mod L."""
     new_layer_init: str = "copy"
+    """Added layers: copy, or zero_out (Wo = W_down = 0: the layer is the identity)."""
     rms_comp: str | None = None
+    """RMSNorm compensation; default none for aki, exact for fpi (what makes FPI exactly function preserving);
+    LayerNorm models: none only (see above)."""
     map_sampling: str = "uniform"
+    """New units: uniform with replacement (the paper's) or balanced permutations."""
     seed: int = 0
+    """Seed of the hashed unit maps."""
     gqa_layout: str = "auto"
+    """auto: the first of mha, g_fixed (same group size), kv_fixed (same KV heads) and general (each target group
+    copies one source group) that the head counts allow."""
     aki_second: str = "current"
+    """AKI Wo/W_down columns of new units: from the current layer, or the upper layer l+1."""
     aki_hidden: str = "copy"
+    """AKI Wo/W_down rows of new hidden units: copies, or from the upper layer l+1."""
 
     def __post_init__(self):
         for name, allowed in CHOICES.items():

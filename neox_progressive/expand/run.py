@@ -161,12 +161,12 @@ def run_plan(plan: ExpansionPlan, reader: CheckpointReader, out: str | Path, *, 
     unopened writer with CheckpointWriter's interface (`io.hf_writer.HFWriter` for HF output); default a NeoX
     CheckpointWriter for `plan.dst`. An HF reader checks NaN/Inf itself (`HFReader(allow_nonfinite=...)`).
     """
-    from tqdm import tqdm
+    from neox_progressive.progress import progress_bar
 
     dst = plan.dst
     if hasattr(reader, "file_state"):  # a NeoX reader (an HF reader checks its tensors itself)
         reader = finite.guard(reader, allow_nonfinite, plan.dtype)  # NaN/Inf (unless --allow-nonfinite), mixed dtypes
-    bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="expand", disable=quiet, file=sys.stderr)
+    bar = progress_bar(total=plan.total_bytes, unit="B", unit_scale=True, desc="expand", quiet=quiet)
     if writer is None:
         writer = CheckpointWriter(out, dst, force=force, configs=configs, need_bytes=plan.total_bytes)
     with bar, writer as w, ThreadPoolExecutor(1) as pool:

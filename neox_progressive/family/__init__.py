@@ -28,11 +28,11 @@ from neox_progressive.family.budget import (
     token_budgets,
 )
 from neox_progressive.family.family_file import load_family
-from neox_progressive.family.spec import MODES, Family, Member
+from neox_progressive.family.spec import MODES, Family, MemberSpec
 from neox_progressive.family.stages import dump_stage, generate_configs, stage_config
 
 __all__ = [
-    "MODES", "Family", "Member", "MemberDirs", "Plan", "PlanRow", "batch_triple", "dump_stage", "generate_configs",
+    "MODES", "Family", "MemberDirs", "MemberSpec", "Plan", "PlanRow", "batch_triple", "dump_stage", "generate_configs",
     "load_family", "max_lrs", "member_dirs", "member_params", "plan_family", "scratch_budgets", "stage_config",
     "token_budgets",
 ]

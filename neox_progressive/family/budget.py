@@ -43,10 +43,10 @@ from pathlib import Path
 
 from neox_progressive.data.windows import neox_window_tokens
 from neox_progressive.errors import UserError
-from neox_progressive.family.spec import MODES, Family, Member
+from neox_progressive.family.spec import MODES, Family, MemberSpec
 
 
-def member_params(family: Family, member: Member) -> float:
+def member_params(family: Family, member: MemberSpec) -> float:
     """Parameters used for budgets: the member's shape count (embedding and untied head included),
     or its nominal size when the family says `budget.params: nominal`."""
     if family.budget.params == "nominal":
@@ -175,7 +175,7 @@ class Plan:
         return asdict(self)
 
 
-def _dp(family: Family, member: Member) -> tuple[int, int]:
+def _dp(family: Family, member: MemberSpec) -> tuple[int, int]:
     """(GPUs, data-parallel size) of the member's stage."""
     gpus = member.num_gpus or family.training.num_gpus
     shape = member.shape()
@@ -186,7 +186,7 @@ def _dp(family: Family, member: Member) -> tuple[int, int]:
     return gpus, gpus // model_par
 
 
-def batch_triple(family: Family, member: Member, global_batch: int | None = None) -> tuple[int, int, int]:
+def batch_triple(family: Family, member: MemberSpec, global_batch: int | None = None) -> tuple[int, int, int]:
     """(micro batch per GPU, gradient accumulation steps, GPUs) with global = micro x GAS x dp.
 
     `global_batch` other than the member's (`budget.keep: updates`) takes the largest micro batch up to the
@@ -204,7 +204,7 @@ def batch_triple(family: Family, member: Member, global_batch: int | None = None
     return micro, member.global_batch // (micro * dp), gpus
 
 
-def stage_batch(family: Family, member: Member, tokens: int, scratch_tokens: int) -> int:
+def stage_batch(family: Family, member: MemberSpec, tokens: int, scratch_tokens: int) -> int:
     """The stage's global batch: the member's, or with `budget.keep: updates` and fewer tokens than its scratch
     budget, the smallest multiple of the data-parallel size that trains `tokens` in the scratch iteration count."""
     seq = family.model.seq_length
@@ -227,7 +227,7 @@ def _windows(starts_at: int, length: int, cap: int | None) -> list[list[int]]:
     return out
 
 
-def _train_data_path(family: Family, mode: str, member: Member, window: int) -> str:
+def _train_data_path(family: Family, mode: str, member: MemberSpec, window: int) -> str:
     """`<train prefix>.<family>.<member>` (independent: `<train prefix>.<family>.independent.<member>`): families that
     share a training dataset cut their own windows side by side. The first member's window is the same in both modes
     (unless a fixed-data cap below it makes the progressive one wrap): then both modes read the progressive dataset."""
@@ -252,7 +252,7 @@ def _sample_order(family: Family, windows: list[list[int]], window: int) -> dict
             "segments": segment_samples([b - a for a, b in windows], seq, num_samples)}
 
 
-def _row(family: Family, mode: str, member: Member, d_scratch: Fraction, d: Fraction, max_lr: float, start: int,
+def _row(family: Family, mode: str, member: MemberSpec, d_scratch: Fraction, d: Fraction, max_lr: float, start: int,
          cap: int | None) -> PlanRow:
     seq, lr = family.model.seq_length, family.training.lr
     n = member_params(family, member)

@@ -15,17 +15,16 @@ from neox_progressive.errors import UserError
 from neox_progressive.family.fields import Section
 from neox_progressive.family.spec import (
     BUDGET_KEEP,
-    EXPANSION_CHOICES,
     FIXED_DATA_ORDERS,
     LR_RULES,
     LR_SCALE_BY,
     MODES,
     PATH_KEYS,
     Budget,
-    DataSpec,
     Family,
+    FamilyData,
     LRSpec,
-    Member,
+    MemberSpec,
     ModelDefaults,
     Training,
     WandbSpec,
@@ -87,7 +86,7 @@ def _init(s: Section, base: Path) -> dict:
     return {"init_hf": _path(hf, base), "init_train": train}
 
 
-def _member(s: Section, model: ModelDefaults, base: Path) -> Member:
+def _member(s: Section, model: ModelDefaults, base: Path) -> MemberSpec:
     kw = dict(
         name=str(s.get("name", (str, int, float), example="1B")),
         hidden_size=s.get("hidden_size", int, positive=True, example="2048"),
@@ -108,7 +107,7 @@ def _member(s: Section, model: ModelDefaults, base: Path) -> Member:
     s.done()
     if not kw["name"].replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise s.fail("name", f"{kw['name']!r} must be letters, digits, '.', '-' or '_' (it names files and directories)")
-    member = Member(model=model, **kw)
+    member = MemberSpec(model=model, **kw)
     try:
         member.shape()
     except UserError as exc:
@@ -120,7 +119,7 @@ def _member(s: Section, model: ModelDefaults, base: Path) -> Member:
     return member
 
 
-def _budget(s: Section, members: list[Member]) -> Budget:
+def _budget(s: Section, members: list[MemberSpec]) -> Budget:
     b = Budget(tokens_per_param=s.get("tokens_per_param", float, None, positive=True),
                params=s.get("params", str, "computed", choices=("computed", "nominal")),
                fixed_data=s.get("fixed_data", bool, False), keep=s.get("keep", str, "batch", choices=BUDGET_KEEP),
@@ -142,7 +141,7 @@ def _budget(s: Section, members: list[Member]) -> Budget:
     return b
 
 
-def _lr(s: Section, members: list[Member]) -> LRSpec:
+def _lr(s: Section, members: list[MemberSpec]) -> LRSpec:
     lr = LRSpec(rule=s.get("rule", str, "fixed", choices=LR_RULES), by=s.get("by", str, "params", choices=LR_SCALE_BY),
                 max=s.get("max", float, None, positive=True),
                 smallest=s.get("smallest", float, None, positive=True), largest=s.get("largest", float, None, positive=True),
@@ -175,7 +174,7 @@ def _lr(s: Section, members: list[Member]) -> LRSpec:
     return lr
 
 
-def _training(s: Section, members: list[Member]) -> Training:
+def _training(s: Section, members: list[MemberSpec]) -> Training:
     lr = _lr(s.section("lr", required=True), members)
     betas = s.get("betas", list, [0.9, 0.95])
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas):
@@ -213,31 +212,26 @@ def _prepare(s: Section, base: Path) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def _data(s: Section, base: Path) -> DataSpec:
-    d = DataSpec(train=_path(s.get("train", str, example="/data/fineweb/train_text_document"), base),
+def _data(s: Section, base: Path) -> FamilyData:
+    d = FamilyData(train=_path(s.get("train", str, example="/data/fineweb/train_text_document"), base),
                  valid=_path(s.get("valid", str, example="/data/fineweb/valid_text_document"), base),
                  test=s.get("test", str, None), prepare=_prepare(s.section("prepare"), base))
     s.done()
     if d.test is not None:
-        d = DataSpec(d.train, d.valid, _path(d.test, base), d.prepare)
+        d = FamilyData(d.train, d.valid, _path(d.test, base), d.prepare)
     return d
 
 
 def _expansion(s: Section) -> dict:
-    try:  # the expansion package validates its own options (with extras) where it exists
-        from neox_progressive.expand import ExpandOptions
-    except ImportError:
-        ExpandOptions = None
-    if ExpandOptions is not None:
-        from dataclasses import asdict
-        try:
-            return asdict(ExpandOptions.from_dict(dict(s.data)))
-        except UserError as exc:
-            raise UserError(f"{s.file}: {s.where}: {exc}") from None
-    out = {key: s.get(key, str, None, choices=choices) for key, choices in EXPANSION_CHOICES.items()}
-    out["seed"] = s.get("seed", int, 0)
-    s.done()
-    return {k: v for k, v in out.items() if v is not None}
+    """The `expansion:` block, validated by the expansion's own options (ExpandOptions)."""
+    from dataclasses import asdict
+
+    from neox_progressive.expand.options import ExpandOptions
+
+    try:
+        return asdict(ExpandOptions.from_dict(dict(s.data)))
+    except UserError as exc:
+        raise UserError(f"{s.file}: {s.where}: {exc}") from None
 
 
 def _eval(s: Section) -> dict:
@@ -254,7 +248,7 @@ def _eval(s: Section) -> dict:
     return dict(s.data)
 
 
-def _members(top: Section, model: ModelDefaults, base: Path) -> list[Member]:
+def _members(top: Section, model: ModelDefaults, base: Path) -> list[MemberSpec]:
     raw = top.raw("members")
     if not isinstance(raw, list) or len(raw) < 1:
         raise top.fail("members", f"expected a list of members (smallest first), got {raw!r}")

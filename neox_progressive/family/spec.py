@@ -36,10 +36,6 @@ LR_RULES = ("fixed", "per_member", "size_scaled")
 LR_SCALE_BY = ("params", "stage")
 BUDGET_KEEP = ("batch", "updates")
 FIXED_DATA_ORDERS = ("epochs", "shuffled")
-EXPANSION_CHOICES = {
-    "method": ("aki", "fpi"), "depth_rule": ("b2b", "interp", "cyclic"), "new_layer_init": ("copy", "zero_out"),
-    "rms_comp": ("none", "exact"), "map_sampling": ("uniform", "balanced"),
-}
 # NeoX keys of `shared` that hold paths (resolved against the family file's directory).
 PATH_KEYS = ("vocab_file", "merge_file", "log_dir", "tensorboard_dir", "hostfile")
 
@@ -84,8 +80,8 @@ class ModelDefaults:
 
 
 @dataclass(frozen=True)
-class Member:
-    """One member of the family, smallest first."""
+class MemberSpec:
+    """One member as the family file describes it (shape, batch, budget), smallest first."""
 
     name: str
     hidden_size: int
@@ -179,7 +175,9 @@ class Training:
 
 
 @dataclass(frozen=True)
-class DataSpec:
+class FamilyData:
+    """The family file's `data:` block: the datasets every member's windows are cut from."""
+
     train: str
     """NeoX mmap prefix of the whole training token stream; member windows are cut from it."""
     valid: str
@@ -207,16 +205,16 @@ class Family:
     mode: str
     output_dir: Path
     model: ModelDefaults
-    members: list[Member]
+    members: list[MemberSpec]
     budget: Budget
     training: Training
-    data: DataSpec
+    data: FamilyData
     wandb: WandbSpec
     expansion: dict = field(default_factory=dict)
     eval: dict = field(default_factory=dict)
     shared: dict = field(default_factory=dict)
 
-    def member(self, name: str) -> Member:
+    def member(self, name: str) -> MemberSpec:
         for m in self.members:
             if m.name == name:
                 return m

@@ -27,7 +27,7 @@ import yaml
 from neox_progressive.errors import UserError
 from neox_progressive.family.budget import Plan, PlanRow, member_dirs, plan_family
 from neox_progressive.family.fields import did_you_mean
-from neox_progressive.family.spec import Family, Member
+from neox_progressive.family.spec import Family, MemberSpec
 from neox_progressive.neox_args import arg_spec, known_args, type_problem, validate_config
 
 # NeoX keys the planner writes from the family file; `shared` may not set them (say where instead).
@@ -85,7 +85,7 @@ def _data(family: Family, row: PlanRow) -> dict[str, Any]:
             "test_data_paths": [test], "train_data_weights": [1.0], "valid_data_weights": [1.0], "test_data_weights": [1.0]}
 
 
-def _wandb(family: Family, mode: str, member: Member) -> dict[str, Any]:
+def _wandb(family: Family, mode: str, member: MemberSpec) -> dict[str, Any]:
     w = family.wandb
     out: dict[str, Any] = {"use_wandb": bool(w.enabled)}
     if w.enabled:

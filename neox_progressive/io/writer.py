@@ -64,7 +64,6 @@ class CheckpointWriter:
         self._atomic = AtomicDir(out, force, need_bytes=need_bytes)
         self._written: set[int] = set()
         self.root: Path | None = None
-        self.bytes_written = 0
 
     # ---- context ---------------------------------------------------------------------------
     def __enter__(self) -> CheckpointWriter:
@@ -102,7 +101,6 @@ class CheckpointWriter:
         self._written.add(index)
         for t, sd in enumerate(ranks):
             sd = {k: self._cast(v) for k, v in sd.items()}
-            self.bytes_written += sum(v.numel() * v.element_size() for v in sd.values())
             path = self.spool / f"{index}-{t}.pt" if self.shape.sequential else self.tag_dir / arch.layer_file_name(index, t)
             self._atomic.current = path
             torch.save(sd, path)

@@ -45,7 +45,7 @@ def enabled(family) -> bool:
 def evaluate_runs(family, runs: list, *, quiet: bool = False, device: str | None = None) -> Path | None:
     """Evaluate the members trained by `runs` (FamilyRun objects, one per mode); returns the report dir."""
     from neox_progressive.eval.evaluation import evaluate_family
-    from neox_progressive.eval.member import Member
+    from neox_progressive.eval.member import TrainedMember
     from neox_progressive.eval.report import write_report
     from neox_progressive.io.writer import AtomicDir
 
@@ -55,7 +55,7 @@ def evaluate_runs(family, runs: list, *, quiet: bool = False, device: str | None
             info = run.results.get(f"{name}/train") or {}
             if not info.get("checkpoint"):
                 return None
-            members.append(Member(name=name, checkpoint=Path(info["checkpoint"]), configs=[run.stage_yaml(name)],
+            members.append(TrainedMember(name=name, checkpoint=Path(info["checkpoint"]), configs=[run.stage_yaml(name)],
                                   family=run.mode))
     settings, example_tasks = eval_settings(family, quiet, device)
     out = Path(family.output_dir) / "report"

@@ -47,10 +47,9 @@ from pathlib import Path
 from typing import Any
 
 from neox_progressive.errors import CheckFailed, UserError
+from neox_progressive.family.spec import MODES
 from neox_progressive.runner.engines import Engine, TrainResult, stage_save_dir
 from neox_progressive.runner.state import RunState, config_digest, digest, inputs_match, raw_digest
-
-MODES = ("progressive", "independent")
 
 
 @dataclass
@@ -350,19 +349,25 @@ class FamilyRun:
             self.results[step.name] = info
         return self.results
 
-    def describe(self) -> list[str]:
-        """The `--dry-run` lines: every step and command, marking what is already done (judged on the stage configs
-        the run would write, not on those on disk)."""
+    def dry_run(self) -> dict[str, Any]:
+        """The `--dry-run` as data: every step and command, marking what is already done (judged on the stage
+        configs the run would write, not on those on disk)."""
         from neox_progressive.family.stages import dump_stage
 
         self._planned = {self.stage_yaml(n): dump_stage(self.family, self.plan, n, self.configs_dir.resolve())
                          for n in self.names}
-        lines = [f"[{self.mode}] write {len(self.names)} stage configs into {self.configs_dir} and cut the data windows"]
-        for step in self.steps():
-            done = self.is_done(step, step.inputs())
-            lines.append(f"[{self.mode}] {step.name}: {step.describe}{'  (done, will be skipped)' if done else ''}")
-            if step.command:
-                lines.append(f"    $ {step.command}")
+        steps = [{"step": s.name, "does": s.describe, "command": s.command or None, "done": self.is_done(s, s.inputs())}
+                 for s in self.steps()]
+        return {"mode": self.mode, "configs_dir": str(self.configs_dir), "stage_configs": len(self.names), "steps": steps}
+
+    def describe(self) -> list[str]:
+        """The `--dry-run` lines (`dry_run` as text)."""
+        d = self.dry_run()
+        lines = [f"[{self.mode}] write {d['stage_configs']} stage configs into {d['configs_dir']} and cut the data windows"]
+        for s in d["steps"]:
+            lines.append(f"[{self.mode}] {s['step']}: {s['does']}{'  (done, will be skipped)' if s['done'] else ''}")
+            if s["command"]:
+                lines.append(f"    $ {s['command']}")
         return lines
 
 

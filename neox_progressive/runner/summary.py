@@ -59,7 +59,7 @@ def plot_loss_vs_flops(curves: dict[str, list[dict[str, Any]]], out: Path) -> Pa
     return out
 
 
-def members_table(results: dict[str, dict[str, dict[str, Any]]], members: list[str]) -> str:
+def training_table(results: dict[str, dict[str, dict[str, Any]]], members: list[str]) -> str:
     """A markdown table: per mode and member, tokens, FLOPs, cumulative FLOPs, start and final validation loss."""
     lines = ["| mode | member | tokens | FLOPs | cumulative FLOPs | start valid loss | final valid loss |",
              "|---|---|---:|---:|---:|---:|---:|"]
@@ -95,7 +95,7 @@ def summarize(runs: list, png: Path) -> tuple[dict[str, dict[str, dict[str, Any]
 
 def summary_text(results: dict, names: list[str], plot: Path | None, report: Path | None) -> str:
     """The members table and where the plot and the evaluation report are."""
-    lines = [members_table(results, names)]
+    lines = [training_table(results, names)]
     for mode, steps in results.items():
         for name in names:
             src = (steps.get(f"{name}/train") or {}).get("reused_from")

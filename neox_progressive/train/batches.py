@@ -99,7 +99,7 @@ class SampleSource:
 
 
 def open_source(spec, seq_length: int, seed: int | None, split: str, name: str) -> SampleSource | None:
-    """A SampleSource for a settings.DataSpec (whole dataset, or its part of `data_path` + `split`).
+    """A SampleSource for a settings.DatasetPart (whole dataset, or its part of `data_path` + `split`).
 
     None when `split` leaves no validation documents (NeoX then skips validation too)."""
     ds = MMapDataset(spec.prefix)

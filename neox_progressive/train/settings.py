@@ -49,7 +49,7 @@ def _typed(cfg: dict, key: str, kind, default):
 
 
 @dataclass
-class DataSpec:
+class DatasetPart:
     """One dataset the engine reads: a NeoX mmap prefix and the item range it uses."""
 
     prefix: str
@@ -72,8 +72,8 @@ class TrainSettings:
     train_iters: int
     micro_batch: int
     grad_acc: int
-    train_data: DataSpec
-    valid_data: DataSpec | None
+    train_data: DatasetPart
+    valid_data: DatasetPart | None
     split: str
     eval_interval: int | None
     eval_iters: int
@@ -147,11 +147,11 @@ def _one_path(cfg: dict, key: str, base: Path) -> str | None:
     return _resolve(value[0], base)
 
 
-def _data(cfg: dict, base: Path) -> tuple[DataSpec, DataSpec | None]:
+def _data(cfg: dict, base: Path) -> tuple[DatasetPart, DatasetPart | None]:
     train = _one_path(cfg, "train_data_paths", base)
     if train is not None:
         valid = _one_path(cfg, "valid_data_paths", base)
-        return DataSpec(train), (DataSpec(valid) if valid else None)
+        return DatasetPart(train), (DatasetPart(valid) if valid else None)
     data_path = cfg.get("data_path")
     if data_path is None:
         raise UserError("no training data: set train_data_paths (and valid_data_paths) or data_path in the config, "
@@ -159,7 +159,7 @@ def _data(cfg: dict, base: Path) -> tuple[DataSpec, DataSpec | None]:
     if not isinstance(data_path, str):
         raise UserError(f"config key data_path: expected one dataset prefix, got {data_path!r}")
     prefix = _resolve(data_path, base)
-    return DataSpec(prefix, split_index=0), DataSpec(prefix, split_index=1)
+    return DatasetPart(prefix, split_index=0), DatasetPart(prefix, split_index=1)
 
 
 def _batches(cfg: dict) -> tuple[int, int]:

@@ -35,7 +35,7 @@ from neox_progressive.errors import CheckFailed, UserError
 from neox_progressive.io.reader import CheckpointReader
 from neox_progressive.model import Transformer
 from neox_progressive.train.batches import open_source
-from neox_progressive.train.settings import DataSpec, read_settings
+from neox_progressive.train.settings import DatasetPart, read_settings
 
 TRAP = (
     "Known cause: a DeepSpeed/DeeperSpeed version whose `finetune` (module-only) load keeps the fp32 master weights "
@@ -68,7 +68,7 @@ def expanded_loss(ckpt: str | Path, config: str | Path | Sequence[str | Path], d
     shape: ModelShape = reader.shape
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = Transformer.from_state_dict(shape, {k: v.float() for k, v in reader.state_dict().items()}).to(dev)
-    spec = DataSpec(str(data)) if data is not None else s.valid_data
+    spec = DatasetPart(str(data)) if data is not None else s.valid_data
     if spec is None:
         raise UserError("no held-out data: pass data= (a dataset prefix) or set valid_data_paths in the config")
     src = open_source(spec, shape.seq_length, None, s.split, "held-out")
