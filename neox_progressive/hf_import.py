@@ -28,11 +28,12 @@ import torch
 import yaml
 
 from neox_progressive import __version__
-from neox_progressive.config import ModelShape, merge_neox_configs, tokenizer_vocab_size
+from neox_progressive.config import ModelShape, merge_neox_configs
 from neox_progressive.errors import UserError
 from neox_progressive.io.atomic import check_destination
 from neox_progressive.io.hf_reader import HFReader, divisible_by_for, read_hf_config, shape_from_hf_config
 from neox_progressive.io.writer import CheckpointWriter
+from neox_progressive.tokenizer import config_vocabulary
 
 MANIFEST = "import.json"
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,7 +60,8 @@ def member_config(hf_dir: str | Path, tp: int = 1, pp: int = 1) -> dict[str, Any
     cfg = read_hf_config(hf_dir)
     shape = shape_from_hf_config(cfg, hf_dir / "config.json", tp=tp, pp=pp)
     out: dict[str, Any] = {**tokenizer_keys(hf_dir)}
-    size = tokenizer_vocab_size(out) if out else None
+    vocab = config_vocabulary(out, required=False) if out else None
+    size = vocab.size if vocab else None
     rows = shape.padded_vocab_size
     if size is not None and size > rows:
         raise UserError(f"{out['vocab_file']}: the tokenizer has {size} tokens but config.json's vocab_size is "

@@ -94,11 +94,11 @@ def test_tokenizer_and_vocab_padding_in_the_written_config(tmp_path):
     model = build("llama-gqa", vocab_size=352)
     src = save(model, tmp_path / "hf")
     gpt2_files(src, vocab_size=300)
-    from neox_progressive.config import tokenizer_vocab_size
     from neox_progressive.hf_import import member_config
+    from neox_progressive.tokenizer import config_vocabulary
 
     cfg = member_config(src, tp=2)
-    assert cfg["tokenizer_type"] == "GPT2BPETokenizer" and tokenizer_vocab_size(cfg) == 300
+    assert cfg["tokenizer_type"] == "GPT2BPETokenizer" and config_vocabulary(cfg).size == 300
     assert cfg["make_vocab_size_divisible_by"] == 176  # 300 -> 352 only with 176 x 2 (16 x 2 pads to 320)
     yml = tmp_path / "m.yml"
     import_hf(src, tmp_path / "ck", write_config=yml, tp=2)
