@@ -105,6 +105,21 @@ def test_tokenizer_and_vocab_padding_in_the_written_config(tmp_path):
     assert ModelShape.from_yamls([yml]).padded_vocab_size == 352
 
 
+def test_a_config_whose_tokenizer_pads_to_other_rows_is_refused_with_the_padding_that_works(tmp_path):
+    from hf_export_util import gpt2_files
+
+    src = save(build("llama-gqa", vocab_size=352), tmp_path / "hf")
+    vocab, merges = gpt2_files(tmp_path / "tok", vocab_size=300)
+    shape = HFReader(src).shape.replace(padded_vocab_size=None, make_vocab_size_divisible_by=128)
+    yml = write_yaml(tmp_path / "stage.yml", shape, tokenizer_type="GPT2BPETokenizer", vocab_file=str(vocab),
+                     merge_file=str(merges))
+    assert ModelShape.from_yamls([yml]).padded_vocab_size == 384
+    want = "the padded vocab gives 384 but the HF model has 352.*make_vocab_size_divisible_by: 352"  # at TP 1
+    with pytest.raises(UserError, match=want):
+        import_hf(src, tmp_path / "ck", [yml])
+    assert not (tmp_path / "ck").exists()
+
+
 def test_dry_run_writes_nothing_and_json(tmp_path, hf_dirs, capsys):
     _, src = hf_dirs["llama-tied"]
     assert main(["import-hf", str(src), "--write-config", str(tmp_path / "m.yml"), "--out", str(tmp_path / "ck"),
