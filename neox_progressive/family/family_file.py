@@ -237,7 +237,7 @@ def _expansion(s: Section) -> dict:
 def _eval(s: Section) -> dict:
     from dataclasses import fields
 
-    from neox_progressive.eval.evaluation import EvalSettings
+    from neox_progressive.eval.settings import EvalSettings
     for f in fields(EvalSettings):
         if f.name != "quiet":
             s.raw(f.name)

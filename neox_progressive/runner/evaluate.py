@@ -18,7 +18,7 @@ from neox_progressive.runner.state import RunState, digest
 
 
 def eval_settings(family, quiet: bool, device: str | None):
-    from neox_progressive.eval.evaluation import EvalSettings
+    from neox_progressive.eval.settings import EvalSettings
 
     cfg = dict(family.eval)  # keys checked by load_family: EvalSettings fields + the runner's own
     names = {f.name for f in dataclasses.fields(EvalSettings)}
