@@ -37,6 +37,8 @@ FLAGS = {
             "--ppl-windows --prompt-tokens --prompts --quiet --seed --seq-length --skip --tasks --temperature --text "
             "--write-example-tasks",
     "neox-patch": "--check --debug --dry-run --format --help --neox-dir --revert",
+    "import-hf": "--allow-nonfinite --ckpt-format --config --debug --dry-run --dtype --force --format --help --out --quiet "
+                 "--tp --write-config",
 }
 READ_ONLY = {"plan", "inspect"}  # verbs that write nothing, so need no --dry-run
 
