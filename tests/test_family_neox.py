@@ -181,7 +181,11 @@ def _cpu_tiny_family(tmp_path, eval_interval: int):
     from train_util import make_data
 
     data = make_data(tmp_path / "data", n_chars=80_000, vocab=512)
-    cpu = {k: v for k, v in CPU_KEYS.items() if k not in ("precision", "use_wandb")}  # the family sets these itself
+    from neox_progressive.family.stages import OWNED, SHAPE_KEYS
+
+    # the family writes precision, use_wandb and the architecture keys (bias_gelu_fusion ...) itself
+    cpu = {k: v for k, v in CPU_KEYS.items() if k not in ("precision", "use_wandb") and k not in OWNED
+           and k not in SHAPE_KEYS}
     fam = load_family(CONFIGS / "tiny_family.yml", {
         "output_dir": str(tmp_path / "runs"), "data": {"train": data["train"], "valid": data["valid"]},
         "shared": {"vocab_file": data["tokenizer"], **cpu}, "budget": {"tokens_per_param": 0.2},
