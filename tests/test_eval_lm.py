@@ -14,6 +14,13 @@ require_lm_eval()
 pytest.importorskip("accelerate", reason="lm-eval's HFLM needs accelerate (pip install accelerate)")
 
 TESTS = Path(__file__).resolve().parent
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def without_process_group(environ) -> dict:
+    """The environment without the torch.distributed variables an earlier in-process DeepSpeed test set: a child
+    that inherits them (accelerate in lm-eval's HFLM) would start a process group on the port this process holds."""
+    return {k: v for k, v in environ.items() if k not in DIST_VARS}
 
 
 def check_same(out):
@@ -48,8 +55,8 @@ def test_same_numbers_as_hflm_lm_eval_0_4_1(tmp_path):
                            capture_output=True, text=True)
     if probe.returncode or not probe.stdout.startswith("0.4.1"):
         pytest.skip(f"NeoX's python {py} has no lm_eval 0.4.1 ({probe.stdout.strip() or probe.stderr[-200:]})")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS)]), HF_DATASETS_OFFLINE="1",
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(without_process_group(os.environ), PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS)]),
+               HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     code = ("import json, pathlib, eval_util; "
             f"print('RESULT' + json.dumps(eval_util.compare_with_hflm(pathlib.Path({str(tmp_path)!r}))))")
     proc = subprocess.run([py, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
@@ -168,8 +175,8 @@ def test_lm_eval_command_line_with_the_plugin_model(tmp_path):
     member = make_member(tmp_path, "m", bpe_tokenizer(tmp_path / "tokenizer.json"), std=0.08)
     hf_dir = hf_export(member, tmp_path / "hf")
     tasks = write_example_tasks(tmp_path / "tasks", n_docs=6)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS)]), HF_DATASETS_OFFLINE="1",
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(without_process_group(os.environ), PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS)]),
+               HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     results = {}
     for name, entry, model_args in (
             ("ours", ["-m", "neox_progressive.eval.lm_eval_cli", "--model", "neox-progressive"],
