@@ -19,6 +19,15 @@ CPU_KEYS = {
 }
 
 
+def family_cpu_keys() -> dict:
+    """CPU_KEYS for a family file's `shared` block: without the keys the planner writes into every stage itself
+    (precision, use_wandb, the architecture keys such as bias_gelu_fusion)."""
+    from neox_progressive.family.stages import OWNED, SHAPE_KEYS
+
+    return {k: v for k, v in CPU_KEYS.items()
+            if k not in ("precision", "use_wandb") and k not in OWNED and k not in SHAPE_KEYS}
+
+
 def neox_dir() -> Path:
     return Path(os.environ["NEOX_DIR"])
 

@@ -177,15 +177,11 @@ def test_second_stage_finetunes_from_its_expanded_dir_in_neox(tmp_path):
 def _cpu_tiny_family(tmp_path, eval_interval: int):
     """The tiny family on fresh stdlib data with NeoX's CPU keys merged into `shared` (one stage file each), its
     stage configs generated into tmp_path/cfg."""
-    from neox_run import CPU_KEYS
+    from neox_run import family_cpu_keys
     from train_util import make_data
 
     data = make_data(tmp_path / "data", n_chars=80_000, vocab=512)
-    from neox_progressive.family.stages import OWNED, SHAPE_KEYS
-
-    # the family writes precision, use_wandb and the architecture keys (bias_gelu_fusion ...) itself
-    cpu = {k: v for k, v in CPU_KEYS.items() if k not in ("precision", "use_wandb") and k not in OWNED
-           and k not in SHAPE_KEYS}
+    cpu = family_cpu_keys()
     fam = load_family(CONFIGS / "tiny_family.yml", {
         "output_dir": str(tmp_path / "runs"), "data": {"train": data["train"], "valid": data["valid"]},
         "shared": {"vocab_file": data["tokenizer"], **cpu}, "budget": {"tokens_per_param": 0.2},

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from neox_run import CPU_KEYS, neox_dir, neox_python, shim_dir
+from neox_run import family_cpu_keys, neox_dir, neox_python, shim_dir
 from runner_util import prepare_tiny_data, write_family
 
 from neox_progressive.data import MMapDataset
@@ -49,7 +49,7 @@ def run_family(tmp_path, neox: Path, training: dict | None = None, **over) -> tu
     """The tiny family's first two members, trained progressively by NeoX (CPU shim) through the runner."""
     data = prepare_tiny_data(tmp_path / "data")
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "neox_progressive" / "examples" / "tiny_family.yml").read_text())
-    cpu = {k: v for k, v in CPU_KEYS.items() if k not in ("precision", "use_wandb")}
+    cpu = family_cpu_keys()
     fam_file = write_family(tmp_path / "family.yml", data, tmp_path / "out", members=raw["members"][:2],
                             budget={"tokens_per_param": 0.5}, shared=cpu,
                             training={"log_interval": 1, "eval_interval": 1000, "checkpoint_interval": 1000,
