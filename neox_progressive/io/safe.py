@@ -161,6 +161,10 @@ def _load_with_torch_scan(path: Path, mmap: bool) -> Any:
 
 
 def _load_restricted(path: Path, mmap: bool) -> Any:
+    """torch without `get_unsafe_globals_in_checkpoint` (2.3/2.4, NeoX's containers). Code never runs here either:
+    every global goes through `RestrictedUnpickler.find_class`, which returns only tensor/storage rebuilders,
+    plain containers and inert stand-ins, and refuses the rest. torch refuses a `pickle_module` together with
+    `weights_only=True`, hence `weights_only=False` with our restricted module in place of torch's."""
     try:
         return torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=RESTRICTED_PICKLE, mmap=mmap)
     except _Refused as exc:
