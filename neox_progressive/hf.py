@@ -28,7 +28,7 @@ from neox_progressive import __version__, arch
 from neox_progressive.config import ModelShape
 from neox_progressive.errors import UserError
 from neox_progressive.io import finite
-from neox_progressive.io.reader import CheckpointReader
+from neox_progressive.io.reader import CheckpointReader, copy_model
 
 QKV = ("attn.q.{p}", "attn.k.{p}", "attn.v.{p}")
 LLAMA_LAYER = {  # HF key under model.layers.{i}. -> logical keys
@@ -210,11 +210,5 @@ def export_hf(reader: CheckpointReader, out: str | Path, *, dtype: str = "auto",
     config["neox_progressive_version"] = __version__
     with HFWriter(out, shape, out_dtype, config=config, force=force, max_shard_bytes=max_shard_bytes,
                   tokenizer=tokenizer) as w:
-        w.write_part("embed", reader.part("embed"))
-        for i, layer in reader.iter_layers():
-            w.write_layer(i, layer)
-            if progress:
-                progress(i)
-        w.write_part("final_norm", reader.part("final_norm"))
-        w.write_part("head", reader.part("head"))
+        copy_model(reader, w, progress)
     return Path(out)

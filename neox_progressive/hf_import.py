@@ -32,6 +32,7 @@ from neox_progressive.config import ModelShape, merge_neox_configs
 from neox_progressive.errors import UserError
 from neox_progressive.io.atomic import check_destination
 from neox_progressive.io.hf_reader import HFReader, divisible_by_for, read_hf_config, shape_from_hf_config
+from neox_progressive.io.reader import copy_model
 from neox_progressive.io.writer import CheckpointWriter
 from neox_progressive.tokenizer import config_vocabulary
 
@@ -150,13 +151,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, configs: list[str | Path] | N
         writer = CheckpointWriter(out, shape, force=force, configs=copied, dtype=target, need_bytes=record["bytes"],
                                   extra_files={MANIFEST: json.dumps(record, indent=1) + "\n"})
         with writer as w:
-            w.write_part("embed", reader.part("embed"))
-            for i, layer in reader.iter_layers():
-                w.write_layer(i, layer)
-                if progress:
-                    progress(i)
-            w.write_part("final_norm", reader.part("final_norm"))
-            w.write_part("head", reader.part("head"))
+            copy_model(reader, w, progress)
         if staged:
             os.replace(staged / Path(write_config).name, write_config)
     finally:

@@ -45,6 +45,7 @@ from neox_progressive.hf_shape import (  # noqa: F401 (re-exported: the reader's
     shape_from_hf_config,
 )
 from neox_progressive.io import finite
+from neox_progressive.io.reader import logical_state_dict
 
 ZERO_FILLED = {"Qwen2ForCausalLM": ("attn.o.bias",)}
 """Logical tensors the NeoX model has but the HF architecture lacks; written as zeros (exact)."""
@@ -293,12 +294,7 @@ class HFReader:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The whole logical model in memory (small models: tests, eval)."""
-        sd = dict(self.part("embed"))
-        for i, layer in self.iter_layers():
-            sd.update({f"layers.{i}.{k}": v for k, v in layer.items()})
-        sd.update(self.part("final_norm"))
-        sd.update(self.part("head"))
-        return sd
+        return logical_state_dict(self)
 
     def dtype(self) -> torch.dtype:
         """The dtype of the stored embedding (from the safetensors header: no data read)."""

@@ -266,12 +266,30 @@ class CheckpointReader:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The whole logical model in memory (small models: tests, eval, the builtin engine)."""
-        sd = dict(self.part("embed"))
-        for i, layer in self.iter_layers():
-            sd.update({f"layers.{i}.{k}": v for k, v in layer.items()})
-        sd.update(self.part("final_norm"))
-        sd.update(self.part("head"))
-        return sd
+        return logical_state_dict(self)
+
+
+def logical_state_dict(reader) -> dict[str, torch.Tensor]:
+    """Every logical tensor of a reader with the logical interface (CheckpointReader, HFReader), keys as in
+    `arch.logical_keys` (layer tensors prefixed `layers.{i}.`)."""
+    sd = dict(reader.part("embed"))
+    for i, layer in reader.iter_layers():
+        sd.update({f"layers.{i}.{k}": v for k, v in layer.items()})
+    sd.update(reader.part("final_norm"))
+    sd.update(reader.part("head"))
+    return sd
+
+
+def copy_model(reader, writer, progress=None) -> None:
+    """Stream a model from a reader to an open writer (CheckpointWriter, HFWriter) part by part, one layer at a
+    time; `progress(i)` after layer i."""
+    writer.write_part("embed", reader.part("embed"))
+    for i, layer in reader.iter_layers():
+        writer.write_layer(i, layer)
+        if progress:
+            progress(i)
+    writer.write_part("final_norm", reader.part("final_norm"))
+    writer.write_part("head", reader.part("head"))
 
 
 def _compare(where, sd: dict[str, torch.Tensor], want: dict[str, tuple], shape: ModelShape) -> None:
