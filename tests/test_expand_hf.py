@@ -295,8 +295,16 @@ with torch.no_grad():
 
 
 @pytest.mark.neox
-def test_fpi_output_loads_in_transformers_4_38(tmp_path):
-    """NeoX's pinned transformers (4.38, in NeoX's virtualenv) loads the grown directory with the source's logits."""
+@pytest.mark.parametrize("name, target, options", [
+    ("llama-gqa", (8, 4, 64, 3), {}),
+    ("llama-mha", (8, 8, 64, 3), {}),  # rope_theta 5000: 4.38 falls back to 10000 if the config only has rope_parameters
+    ("gpt-neox-seq", (8, 8, 96, 3), dict(map_sampling="balanced")),  # rotary_pct 0.5: 4.38's default is 0.25
+])
+def test_fpi_output_loads_in_transformers_4_38(tmp_path, name, target, options):
+    """NeoX's pinned transformers (4.38, in NeoX's virtualenv) loads the grown directory with the source's logits.
+
+    The source is saved by the current transformers (5.x writes rope_parameters only); the output carries the 4.x
+    keys as well, or 4.38 would load it without a word with the default rotary base and fraction."""
     import os
     import subprocess
     from pathlib import Path
@@ -305,8 +313,8 @@ def test_fpi_output_loads_in_transformers_4_38(tmp_path):
                                            Path(os.environ["NEOX_DIR"]).parent / "neox_venv" / "bin" / "python")
     if not py or not Path(py).exists():
         pytest.skip("NeoX's virtualenv (transformers 4.38) not found beside NEOX_DIR; set NEOX_PYTHON")
-    model, _, out, _ = grow(tmp_path, "llama-gqa", {}, (8, 4, 64, 3), dict(method="fpi", new_layer_init="zero_out"),
-                            max_shard_bytes=30_000)
+    model, src, out, _ = grow(tmp_path, name, {}, target, dict(method="fpi", new_layer_init="zero_out", **options),
+                              max_shard_bytes=30_000)
     x = tokens()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([str(py), "-c", LOAD_438, str(out), json.dumps(x.tolist()), str(tmp_path / "l.pt")], check=True,
@@ -314,6 +322,24 @@ def test_fpi_output_loads_in_transformers_4_38(tmp_path):
     got = torch.load(tmp_path / "l.pt", weights_only=True)
     assert got["version"].startswith("4.")
     assert rel_err(got["logits"].float(), hf_logits(model, x)) <= TOL
+
+
+@pytest.mark.parametrize("name, target, options, want", [
+    ("llama-mha", (8, 8, 64, 3), {}, {"rope_theta": 5000.0}),
+    ("qwen2", (6, 3, 64, 3), {}, {"rope_theta": 20000.0}),
+    ("gpt-neox-seq", (8, 8, 96, 3), dict(map_sampling="balanced"), {"rotary_pct": 0.5, "rotary_emb_base": 10000}),
+])
+def test_output_config_has_the_4x_rotary_keys_too(tmp_path, name, target, options, want):
+    """Whatever the saving transformers wrote, the grown config.json also has the 4.x keys, with the source model's
+    values (what transformers 4.38 reads; the NEOX_DIR test above loads it there)."""
+    model, _, out, _ = grow(tmp_path, name, {}, target, dict(method="fpi", **options), given="yaml")
+    cfg = json.loads((out / "config.json").read_text())
+    for key, value in want.items():
+        assert cfg[key] == value, key
+    params = getattr(model.config, "rope_parameters", None)
+    if params:  # saved by 5.x: the 5.x key stays and agrees
+        assert cfg["rope_parameters"]["rope_theta"] == params["rope_theta"] == want.get("rope_theta",
+                                                                                    want.get("rotary_emb_base"))
 
 
 def test_a_neox_source_still_needs_its_config(tmp_path):

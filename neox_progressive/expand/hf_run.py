@@ -106,7 +106,25 @@ def target_of(reader, dst_configs: list[Path]) -> tuple[ModelShape, dict]:
                       padded_vocab_size=None)
     cfg.update(vocab_size=src.padded_vocab_size, tie_word_embeddings=False)
     cfg["architectures"] = [reader.arch_name]
-    return dst, cfg
+    return dst, with_legacy_rope_keys(cfg, dst)
+
+
+def with_legacy_rope_keys(cfg: dict, shape: ModelShape) -> dict:
+    """`cfg` with the 4.x rotary keys next to a 5.x `rope_parameters` (same values), so both majors read one base.
+
+    transformers 5.x saves only `rope_parameters`; 4.x ignores that key and falls back to its default base
+    (10000) and, for GPTNeoX, `rotary_pct` 0.25: a model that loads without a word and computes something
+    else. 5.x reads the 4.x keys too (it folds them into `rope_parameters`), so writing both is safe. Only
+    plain RoPE reaches here (`hf_shape._rope` refuses scaling), so the shape's base and fraction are the values.
+    """
+    if not isinstance(cfg.get("rope_parameters"), dict):
+        return cfg
+    cfg = dict(cfg)
+    if cfg.get("model_type") == "gpt_neox" or cfg["architectures"] == [hf.GPT_NEOX.name]:
+        cfg.update(rotary_emb_base=shape.rotary_emb_base, rotary_pct=shape.rotary_pct)
+    else:
+        cfg["rope_theta"] = float(shape.rotary_emb_base)
+    return cfg
 
 
 def _read_json(path: Path) -> dict:
