@@ -93,8 +93,13 @@ def test_run_imports_the_first_member_and_grows_the_next_from_it(tmp_path, data,
 @pytest.mark.slow
 def test_train_true_trains_the_first_member_from_the_import(tmp_path, data, hf):
     fam_path = family(tmp_path, data, hf[1], train=True)
-    assert main(["run", str(fam_path), "--engine", "builtin", "--device", "cpu", "--quiet", "--no-eval"]) == 0
+    assert main(["run", str(fam_path), "--engine", "builtin", "--device", "cpu", "--quiet", "--no-eval",
+                 "--mode", "both"]) == 0
     fam = load_family(fam_path)
+    # the independent family's first member is the same model (same import, budget, data, schedule): not trained again
+    indep = RunState(fam.output_dir / "independent" / "state.json")
+    assert indep.info("s/train")["reused_from"] == "progressive" and not indep.done("s/import")
+    assert not member_dirs(fam, "independent", "s").expanded.exists() and indep.done("m/train")
     state = RunState(fam.output_dir / "progressive" / "state.json")
     info = state.info("s/train")
     assert state.done("s/import") and "imported_from" not in info and info["start_check"]

@@ -373,12 +373,14 @@ class FamilyRun:
 
 def same_first_member(family) -> bool:
     """Whether the first member's progressive and independent stages train the same model: their stage configs are
-    equal but for where they save and how W&B names them (budget, batch, schedule, data window, seed)."""
+    equal but for where they save and how W&B names them (budget, batch, schedule, data window, seed). A first
+    member trained from a Hugging Face model (`init: {hf: DIR, train: true}`) loads each mode's own import of DIR:
+    the same bytes (the import is deterministic), so `load` does not count either."""
     from neox_progressive.family import plan_family
     from neox_progressive.family.stages import stage_config
 
     name = family.members[0].name
-    names = ("save", "wandb_run_name", "wandb_group")
+    names = ("save", "wandb_run_name", "wandb_group") + (("load",) if family.members[0].init_hf else ())
     cfgs = [{k: v for k, v in stage_config(family, plan_family(family, mode), name).items() if k not in names}
             for mode in MODES]
     return cfgs[0] == cfgs[1]
