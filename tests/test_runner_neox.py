@@ -45,12 +45,16 @@ def neox_sample(prefix: str, i: int) -> np.ndarray:
     return np.concatenate(parts + [np.asarray(ds[doc_idx[dl]][: ol + 1])])
 
 
-def run_family(tmp_path, neox: Path, training: dict | None = None, **over) -> tuple[FamilyRun, dict]:
+def run_family(tmp_path, neox: Path, training: dict | None = None, first_init: dict | None = None,
+               **over) -> tuple[FamilyRun, dict]:
     """The tiny family's first two members, trained progressively by NeoX (CPU shim) through the runner."""
     data = prepare_tiny_data(tmp_path / "data")
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "neox_progressive" / "examples" / "tiny_family.yml").read_text())
     cpu = family_cpu_keys()
-    fam_file = write_family(tmp_path / "family.yml", data, tmp_path / "out", members=raw["members"][:2],
+    members = raw["members"][:2]
+    if first_init:
+        members[0] = dict(members[0], init=first_init)
+    fam_file = write_family(tmp_path / "family.yml", data, tmp_path / "out", members=members,
                             budget={"tokens_per_param": 0.5}, shared=cpu,
                             training={"log_interval": 1, "eval_interval": 1000, "checkpoint_interval": 1000,
                                       **(training or {})}, **over)
@@ -85,6 +89,37 @@ def test_two_member_family_with_the_neox_engine(tmp_path):
     assert abs(first[1] - ref) < 1e-3, (first, ref, check)
     print("NeoX first loss", first, "expanded (train window)", ref, "(held out)", check["expanded_loss"], "ln V", math.log(512))
     assert math.log(512) - first[1] > 1.0 and check["verdict"] == "expanded"
+
+
+def first_batch(run: FamilyRun, name: str) -> torch.Tensor:
+    row = run.plan.row(name)
+    return torch.from_numpy(np.stack([neox_sample(row.train_data_path, i) for i in range(row.global_batch)])
+                            .astype(np.int64))
+
+
+def test_hf_seeded_first_member_trained_by_neox(tmp_path):
+    """`init: {hf: DIR, train: true}` with the NeoX engine: the runner imports the HF model, NeoX trains member 1 from
+    it (its first loss is transformers' loss of the HF model on NeoX's first batch), and member 2 grows from NeoX's
+    checkpoint of member 1."""
+    from test_family_hf_init import hf_member  # a LlamaForCausalLM of the tiny family's first member's shape
+
+    model, hf_dir = hf_member(tmp_path / "hf")
+    run, results = run_family(tmp_path, neox_dir(), first_init={"hf": str(hf_dir), "train": True})
+    assert run.state.done("s/import") and results["s/train"]["start_check"]
+    log = (tmp_path / "out" / "progressive" / "logs" / "stage_s.neox.log").read_text()
+    first = parse_neox_losses(log)[0]
+    batch = first_batch(run, "s")
+    with torch.no_grad():
+        logits = model(batch[:, :-1]).logits.float()
+    want = float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()))
+    assert first[0] == 1 and abs(first[1] - want) < 1e-3, (first, want)
+    save = Path(results["s/train"]["checkpoint"])
+    assert CheckpointReader(save, run.family.member("s").shape()).iteration > 0
+    m_check = results["m/train"]["start_check"]
+    assert m_check["verdict"] == "expanded"
+    expansion = json.loads((run.dirs("m").expanded / "expansion.json").read_text())
+    assert Path(expansion["source_checkpoint"]) == save.resolve() or save.resolve() in Path(
+        expansion["source_checkpoint"]).parents
 
 
 def test_kl_to_the_previous_member_logged_by_a_patched_neox(tmp_path):
