@@ -1,6 +1,6 @@
 """Benchmark: App. F KL over N documents between two members vs their forward passes alone (target <= 1.2x).
 
-N documents of random lengths (uniform in [seq/8, seq] tokens, random token ids), batched as the
+N documents of random lengths (uniform in [seq/8, seq] tokens; `--lengths full`: all seq tokens), random token ids, batched as the
 evaluation batches them (longest first, right-padded, `batch` per batch). Three ways, each timed in
 a fresh process (so peak RSS is its own):
 
@@ -86,7 +86,8 @@ class PeakRSS:
 
 def documents(args) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(max(2, args.seq // 8), args.seq + 1, (args.n,), generator=g).tolist()
+    lengths = (torch.randint(max(2, args.seq // 8), args.seq + 1, (args.n,), generator=g).tolist()
+               if args.lengths == "random" else [args.seq] * args.n)
     return [torch.randint(0, args.vocab, (n,), generator=g) for n in lengths]
 
 
@@ -165,7 +166,7 @@ def child(args, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--child", mode] + [a for a in sys.argv[1:] if a not in ("--child",)]
     cmd += ["--n", str(args.n), "--seq", str(args.seq), "--vocab", str(args.vocab), "--batch", str(args.batch),
             "--small", args.small, "--large", args.large, "--device", args.device, "--repeats", str(args.repeats),
-            "--position-chunk", str(args.position_chunk), "--vocab-chunk", str(args.vocab_chunk)]
+            "--position-chunk", str(args.position_chunk), "--vocab-chunk", str(args.vocab_chunk), "--lengths", args.lengths]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -175,6 +176,9 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--n", type=int, default=8, help="documents")
     p.add_argument("--seq", type=int, default=512, help="the longest document (lengths uniform in [seq/8, seq])")
+    p.add_argument("--lengths", choices=["random", "full"], default="random",
+                   help="random: uniform in [seq/8, seq] (default); full: every document seq tokens, no padding, where "
+                        "the forward passes waste nothing on padding (the strictest comparison)")
     p.add_argument("--vocab", type=int, default=50304)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--small", default="256x4", help="HIDDENxLAYERS of the smaller member")
@@ -204,7 +208,7 @@ def main() -> None:
            else "") + ".",
         "",
         f"`python bench/eval_speed.py {' '.join(a for a in sys.argv[1:] if not a.startswith('--out') and a != args.out)}`: "
-        f"{args.n} documents of {args.seq // 8}-{args.seq} tokens ({res['forward']['tokens']} in all), vocab {args.vocab}, "
+        f"{args.n} documents of {f'{args.seq // 8}-' if args.lengths == 'random' else ''}{args.seq} tokens ({res['forward']['tokens']} in all), vocab {args.vocab}, "
         f"batch {args.batch}, members {args.small} and {args.large} (hidden x layers), KL block "
         f"{args.position_chunk or 'default'} rows x {args.vocab_chunk or 'default'} columns, best of {args.repeats}.",
         "",

@@ -160,3 +160,25 @@ def test_large_logits_take_the_shifted_path(vocab_chunk):
     f, r, _ = dense_rows(small, large, data[0], 64)
     assert got.kl == pytest.approx(float(f.mean(-1).mean()), rel=1e-5)
     assert got.reverse == pytest.approx(float(r.mean(-1).mean()), rel=1e-5)
+
+
+@pytest.mark.parametrize("V", [5000, 50304, 4096 + 17, 4096])
+def test_argmax_rows_is_argmax(V):
+    """The blocked argmax of the KL's top-1 agreement: the first maximum, as torch.argmax, with ties across and within
+    blocks, a maximum in the tail that is not a whole block, rows that are views of a wider buffer, and NaN."""
+    from neox_progressive.eval.kl import argmax_rows
+
+    g = torch.Generator().manual_seed(V)
+    buf = torch.randn(9, V + 3, generator=g)
+    x = buf[:, :V] if V % 2 else torch.randn(9, V, generator=g)
+    x[1, :] = 0.0                                     # all tied: index 0
+    x[2, [70, 3000]] = 100.0                          # tie across blocks: the first
+    x[3, [130, 131]] = 100.0                          # tie within a block
+    x[4, V - 1] = 100.0                               # the last column (the tail when V % 64)
+    x[5, [V - 1, V - 2]] = 100.0
+    x[6, 77] = float("nan")                           # argmax takes NaN as the maximum
+    x[7, :] = -torch.inf
+    x[8, [10, 4000]] = torch.inf
+    want = x.argmax(-1)
+    assert torch.equal(argmax_rows(x), want), (argmax_rows(x), want)
+    assert torch.equal(argmax_rows(x, block=128), want)
