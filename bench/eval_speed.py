@@ -208,7 +208,8 @@ def main() -> None:
            else "") + ".",
         "",
         f"`python bench/eval_speed.py {' '.join(a for a in sys.argv[1:] if not a.startswith('--out') and a != args.out)}`: "
-        f"{args.n} documents of {f'{args.seq // 8}-' if args.lengths == 'random' else ''}{args.seq} tokens ({res['forward']['tokens']} in all), vocab {args.vocab}, "
+        f"{args.n} documents of {f'{args.seq // 8}-' if args.lengths == 'random' else ''}{args.seq} tokens "
+        f"({res['forward']['tokens']} in all), vocab {args.vocab}, "
         f"batch {args.batch}, members {args.small} and {args.large} (hidden x layers), KL block "
         f"{args.position_chunk or 'default'} rows x {args.vocab_chunk or 'default'} columns, best of {args.repeats}.",
         "",
