@@ -129,7 +129,7 @@ def test_neox_generate_from_a_classic_expansion_matches_gpt_neox_on_our_export(t
 
     export_hf(CheckpointReader(tmp_path / "exp", dst), tmp_path / "hf", eos=EOD)
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["hidden_act"] == "gelu_pytorch_tanh"
-    hf = transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    hf = transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
     ours = []
     for prompt in PROMPTS:
         ids = torch.tensor([tok.encode(prompt).ids])

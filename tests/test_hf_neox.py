@@ -103,7 +103,7 @@ def test_export_hf_loads_as_gpt_neox_with_the_same_logits(tmp_path, case):
     assert cfg["layer_norm_eps"] == 1e-6
     assert cfg["hidden_act"] == {"tanh": "gelu_pytorch_tanh", "erf": "gelu"}[shape.gelu_approx]
     assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
-    hf = transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    hf = transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
     x = tokens(shape, seed=1)
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, Transformer.from_state_dict(reader.shape, sd)(x), rtol=1e-5, atol=1e-5)
