@@ -179,7 +179,7 @@ def test_bf16_source_stays_bf16_with_tokenizer_and_generation_config(tmp_path):
     assert (out / "tokenizer.json").read_text() == '{"fake": true}' and (out / "tokenizer_config.json").exists()
     if gen is not None:
         assert json.loads((out / "generation_config.json").read_text()) == gen
-    big = transformers.AutoModelForCausalLM.from_pretrained(str(out), torch_dtype="auto").eval()  # the default in 5.x, not in 4.38
+    big = transformers.AutoModelForCausalLM.from_pretrained(str(out), torch_dtype="auto").eval()  # 5.x default
     assert big.dtype == torch.bfloat16 and (out / "model.safetensors").exists()
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert "wrote" in res.stdout and "LlamaForCausalLM" in res.stdout

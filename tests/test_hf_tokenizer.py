@@ -57,7 +57,7 @@ def reference(kind: str, cfg: dict):
         tok = tokenizers.Tokenizer.from_file(cfg["vocab_file"])
         return (lambda s: tok.encode(s).ids), (lambda ids: tok.decode(ids, skip_special_tokens=False))
     tok = transformers.GPT2Tokenizer(cfg["vocab_file"], cfg["merge_file"], errors="replace",
-                                     clean_up_tokenization_spaces=False)  # NeoX decodes bytes as they are (4.38 cleans by default)
+                                     clean_up_tokenization_spaces=False)  # NeoX decodes bytes as they are (4.38 cleans)
     return tok.encode, tok.decode
 
 
