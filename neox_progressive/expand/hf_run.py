@@ -120,7 +120,7 @@ def with_legacy_rope_keys(cfg: dict, shape: ModelShape) -> dict:
     if not isinstance(cfg.get("rope_parameters"), dict):
         return cfg
     cfg = dict(cfg)
-    if cfg.get("model_type") == "gpt_neox" or cfg["architectures"] == [hf.GPT_NEOX.name]:
+    if cfg["architectures"] == [hf.GPT_NEOX.name]:  # target_of sets the source's architecture
         cfg.update(rotary_emb_base=shape.rotary_emb_base, rotary_pct=shape.rotary_pct)
     else:
         cfg["rope_theta"] = float(shape.rotary_emb_base)
